@@ -1,0 +1,12 @@
+"""Benchmarks (installed as ``omni_benchmarks``): one module per op plus end-to-end ones.
+
+Each module exposes ``run(device: str, quick: bool, preset: str) -> list[Record]``; ``omni bench`` runs the
+modules of a suite and writes the contract's JSON records. Modules listed here but not importable (an op
+that has not landed) are reported as missing by the CLI, never silently skipped.
+"""
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "kernels": ("bench_store_kv_cache",),
+    "model": (),
+    "e2e": (),
+}
