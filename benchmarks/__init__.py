@@ -6,7 +6,9 @@ that has not landed) are reported as missing by the CLI, never silently skipped.
 """
 
 SUITES: dict[str, tuple[str, ...]] = {
-    "kernels": ("bench_store_kv_cache",),
+    "kernels": ("bench_store_kv_cache", "bench_sliding_block_attention", "bench_anti_aliased_snake",
+                "bench_window_attention", "bench_apply_tmrope",
+                "bench_paged_decode_attention"),
     "model": (),
     "e2e": (),
 }

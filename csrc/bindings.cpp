@@ -15,6 +15,28 @@ namespace omni {
 
 void store_kv_cache(const TensorRef& k, const TensorRef& v, const TensorRef& k_cache, const TensorRef& v_cache,
                     const TensorRef& slot_mapping, std::uintptr_t stream);
+void paged_decode_attention(const TensorRef& q, const TensorRef& k_cache, const TensorRef& v_cache,
+                            const TensorRef& block_tables, const TensorRef& context_lens, const TensorRef& out,
+                            const TensorRef& part_acc, const TensorRef& part_ml, double scale,
+                            int64_t partition_size, int64_t num_parts, std::uintptr_t stream);
+void paged_prefill_attention(const TensorRef& q, const TensorRef& k_cache, const TensorRef& v_cache,
+                             const TensorRef& block_tables, const TensorRef& cu_seqlens_q,
+                             const TensorRef& context_lens, const TensorRef& out, double scale,
+                             std::uintptr_t stream);
+void window_attention(const TensorRef& q, const TensorRef& k, const TensorRef& v, const TensorRef& out,
+                      const TensorRef& cu_seqlens, const TensorRef& seg_ids, bool packed, int64_t max_seqlen,
+                      double scale, std::uintptr_t stream);
+void apply_tmrope(const TensorRef& q, const TensorRef& k, const TensorRef& positions, const TensorRef& inv_freq,
+                  int section_t, int section_th, std::uintptr_t stream);
+void tmrope_store_kv(const TensorRef& q, const TensorRef& k, const TensorRef& v, const TensorRef& positions,
+                     const TensorRef& inv_freq, const TensorRef& k_cache, const TensorRef& v_cache,
+                     const TensorRef& slot_mapping, int section_t, int section_th, std::uintptr_t stream);
+void sliding_block_attention(const TensorRef& q, const TensorRef& k, const TensorRef& v, const TensorRef& out,
+                             const std::optional<TensorRef>& cu_seqlens, int block_size, int look_back,
+                             int look_ahead, double scale, bool allow_tf32, std::uintptr_t stream);
+void anti_aliased_snake(const TensorRef& x, const TensorRef& alpha, const TensorRef& beta,
+                        const TensorRef& up_filter, const TensorRef& down_filter, const TensorRef& out,
+                        std::uintptr_t stream);
 
 void ensure_device() {
   static std::once_flag once;
@@ -73,5 +95,28 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("store_kv_cache", &omni::store_kv_cache, py::arg("k"), py::arg("v"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slot_mapping"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention", &omni::paged_decode_attention, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("out"), py::arg("part_acc"),
+        py::arg("part_ml"), py::arg("scale"), py::arg("partition_size"), py::arg("num_parts"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_prefill_attention", &omni::paged_prefill_attention, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("cu_seqlens_q"), py::arg("context_lens"),
+        py::arg("out"), py::arg("scale"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("window_attention", &omni::window_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("cu_seqlens"), py::arg("seg_ids"), py::arg("packed"), py::arg("max_seqlen"), py::arg("scale"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("apply_tmrope", &omni::apply_tmrope, py::arg("q"), py::arg("k"), py::arg("positions"),
+        py::arg("inv_freq"), py::arg("section_t"), py::arg("section_th"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("tmrope_store_kv", &omni::tmrope_store_kv, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("positions"), py::arg("inv_freq"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"), py::arg("section_t"), py::arg("section_th"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sliding_block_attention", &omni::sliding_block_attention, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("cu_seqlens"), py::arg("block_size"), py::arg("look_back"), py::arg("look_ahead"),
+        py::arg("scale"), py::arg("allow_tf32"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("anti_aliased_snake", &omni::anti_aliased_snake, py::arg("x"), py::arg("alpha"), py::arg("beta"),
+        py::arg("up_filter"), py::arg("down_filter"), py::arg("out"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -4,6 +4,19 @@ Every op takes ``backend=None|"torch"|"triton"|"cuda"`` (see :mod:`omni_kernels.
 """
 
 from omni_kernels._backend import available, registered, resolve
+from omni_kernels.anti_aliased_snake import anti_aliased_snake, anti_aliased_snake_ref
+from omni_kernels.apply_tmrope import apply_tmrope, apply_tmrope_ref
+from omni_kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from omni_kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from omni_kernels.sliding_block_attention import sliding_block_attention, sliding_block_attention_ref
 from omni_kernels.store_kv_cache import store_kv_cache, store_kv_cache_ref
+from omni_kernels.tmrope_store_kv import tmrope_store_kv, tmrope_store_kv_ref
+from omni_kernels.window_attention import window_attention, window_attention_ref
 
-__all__ = ["available", "registered", "resolve", "store_kv_cache", "store_kv_cache_ref"]
+__all__ = ["available", "registered", "resolve", "store_kv_cache", "store_kv_cache_ref",
+           "sliding_block_attention", "sliding_block_attention_ref", "anti_aliased_snake",
+           "anti_aliased_snake_ref",
+           "apply_tmrope", "apply_tmrope_ref", "tmrope_store_kv", "tmrope_store_kv_ref",
+           "window_attention", "window_attention_ref",
+           "paged_decode_attention", "paged_decode_attention_ref", "paged_prefill_attention",
+           "paged_prefill_attention_ref"]

@@ -1,0 +1,155 @@
+"""tmrope_store_kv: the decode step's fused TMRoPE + KV-cache write (apply_tmrope, then store_kv_cache, in one launch).
+
+Used by the Thinker and the Talker on every decode step (omni_model/engine), where the batch is 1..64 tokens and
+two launches cost more than their bytes. Semantics, on every backend:
+
+* q and k are rotated in place exactly as :func:`omni_kernels.apply_tmrope` does (k is rotated in place too, so
+  that the caller may still use it, e.g. for a prefill chunk whose attention reads k directly);
+* the rotated k row and the v row of token ``i`` go to slot ``slot_mapping[i] = block * P + offset`` of the
+  paged caches, as :func:`omni_kernels.store_kv_cache` does; slot -1 skips the cache write (q and k are still
+  rotated).
+
+Shapes: q (T, Hq, D), k, v (T, Hk, D), contiguous last dim, any other strides (views into a fused QKV output);
+positions (3, T) int32/int64; k_cache, v_cache (NB, P, Hk, D); slot_mapping (T,) int32/int64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from omni_kernels import _backend, _cuda
+from omni_kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_index_range,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
+from omni_kernels.apply_tmrope import apply_tmrope_ref, check_tmrope_args, tmrope_inv_freq
+from omni_kernels.store_kv_cache import store_kv_cache_ref
+
+
+def tmrope_store_kv_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    mrope_section: Sequence[int],
+    rope_theta: float,
+) -> None:
+    """Plain torch reference (the oracle): the two unfused references, one after the other."""
+    apply_tmrope_ref(q, k, positions, mrope_section=mrope_section, rope_theta=rope_theta)
+    store_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+try:
+    from omni_kernels.apply_tmrope import launch_tmrope_triton
+except ImportError:  # pure-torch install: apply_tmrope defines no Triton launcher
+    launch_tmrope_triton = None
+
+
+@torch.library.custom_op("omni::tmrope_store_kv_triton", mutates_args=("q", "k", "k_cache", "v_cache"))
+def _tmrope_store_kv_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    mrope_section: list[int],
+    rope_theta: float,
+) -> None:
+    launch_tmrope_triton(q, k, positions, mrope_section, rope_theta, v, k_cache, v_cache, slot_mapping)
+
+
+@_tmrope_store_kv_triton.register_fake
+def _(q, k, v, positions, k_cache, v_cache, slot_mapping, mrope_section, rope_theta) -> None:
+    return None
+
+
+@torch.library.custom_op("omni::tmrope_store_kv_cuda", mutates_args=("q", "k", "k_cache", "v_cache"))
+def _tmrope_store_kv_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    mrope_section: list[int],
+    rope_theta: float,
+) -> None:
+    inv_freq = tmrope_inv_freq(q.shape[-1], rope_theta, q.device)
+    _cuda.ext().tmrope_store_kv(
+        _cuda.ref(q), _cuda.ref(k), _cuda.ref(v), _cuda.ref(positions), _cuda.ref(inv_freq), _cuda.ref(k_cache),
+        _cuda.ref(v_cache), _cuda.ref(slot_mapping), mrope_section[0], mrope_section[0] + mrope_section[1],
+        _cuda.stream(q.device),
+    )
+
+
+@_tmrope_store_kv_cuda.register_fake
+def _(q, k, v, positions, k_cache, v_cache, slot_mapping, mrope_section, rope_theta) -> None:
+    return None
+
+
+def _tmrope_store_kv_torch(q, k, v, positions, k_cache, v_cache, slot_mapping, mrope_section, rope_theta) -> None:
+    tmrope_store_kv_ref(q, k, v, positions, k_cache, v_cache, slot_mapping, mrope_section=mrope_section,
+                        rope_theta=rope_theta)
+
+
+_backend.register(
+    "tmrope_store_kv",
+    torch=_tmrope_store_kv_torch,
+    triton=_tmrope_store_kv_triton if launch_tmrope_triton is not None else None,
+    cuda=_tmrope_store_kv_cuda,
+    prefer=("cuda", "triton", "torch"),
+)
+
+
+def tmrope_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    mrope_section: Sequence[int],
+    rope_theta: float,
+    backend: str | None = None,
+) -> None:
+    """Rotates q and k in place by TMRoPE and writes the rotated k and v to the paged caches (slot -1 skipped).
+
+    q: (T, Hq, D), k, v: (T, Hk, D) of one float dtype; positions: (3, T) int32/int64; k_cache, v_cache:
+    (NB, P, Hk, D) of the same dtype; slot_mapping: (T,) int32/int64 in [-1, NB * P). mrope_section and rope_theta
+    as for :func:`omni_kernels.apply_tmrope`.
+    """
+    sections, theta = check_tmrope_args(q, k, positions, mrope_section, rope_theta)
+    # The cache arguments, checked as store_kv_cache checks them.
+    device = q.device
+    num_tokens, num_kv_heads, head_dim = k.shape
+    check_tensor("v", v, ndim=3, dtypes=FLOAT_DTYPES, device=device)
+    check_shape("v", v, tuple(k.shape))
+    check_same_dtype(("k", "v"), k, v)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    check_shape("k_cache", k_cache, (None, None, num_kv_heads, head_dim))
+    check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    check_same_dtype(("k", "k_cache"), k, k_cache)
+    check_same_dtype(("k", "v_cache"), k, v_cache)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_shape("slot_mapping", slot_mapping, (num_tokens,))
+    num_blocks, page_size = k_cache.shape[:2]
+    check_index_range("slot_mapping", slot_mapping, -1, num_blocks * page_size)
+    _backend.dispatch("tmrope_store_kv", device, backend)(
+        q, k, v, positions, k_cache, v_cache, slot_mapping, sections, theta
+    )
