@@ -104,21 +104,27 @@ class BlockManager:
     # --------------------------------------------------------------------------------------------- public
 
     def allocate(
-        self, token_ids: Sequence[int], *, media_start: int | None = None, salt: bytes | None = None
+        self,
+        token_ids: Sequence[int],
+        *,
+        media_start: int | None = None,
+        salt: bytes | None = None,
+        reuse_prefix: bool = True,
     ) -> SeqBlocks:
         """Blocks for a new prompt. Reuses cached full blocks of an equal prefix.
 
         ``media_start``: index of the first media placeholder token (None: text only); ``salt``: bytes that
         identify the media content (e.g. a hash of the features), mixed into the hashes from that block on.
         The last prompt block is never shared even when full, so that the prefill always computes at least
-        one token (its logits start decoding).
+        one token (its logits start decoding). ``reuse_prefix=False`` computes every token (a caller that needs
+        the hidden states of the whole prompt) but still registers the blocks for later requests.
         """
         num_tokens = len(token_ids)
         if num_tokens == 0:
             raise ValueError("token_ids must not be empty")
         hashes = self._prefix_hashes(token_ids, media_start, salt) if self.enable_prefix_caching else []
         reuse: list[int] = []
-        for i, h in enumerate(hashes):
+        for i, h in enumerate(hashes if reuse_prefix else []):
             if (i + 1) * self.block_size >= num_tokens:
                 break
             block_id = self.hash_to_block.get(h)

@@ -1,0 +1,597 @@
+"""Thinker decode: tokens/s and % of the weight-bytes roofline at batch 1 and 8, against HF ``generate``.
+
+What is measured (issue #5 item 4): the Thinker LM (``ThinkerTextModel`` + ``lm_head``, random weights at the
+preset's shapes, bf16 on CUDA) prefills a 64-token text prompt, then runs N greedy decode steps per sequence
+through the engine's :class:`~omni_model.engine.runner.DecoderRunner` (paged KV cache, CUDA graphs). A decode
+step must read every weight once: the decoder layers, the final norm, ``lm_head`` and one embedding row per
+sequence (7B: 14.1 GB, 4.2 ms at 3.35 TB/s), plus each sequence's cached keys and values; ``gbps`` counts
+exactly those bytes (weights + KV read at the mean context of the run) per p50 step.
+
+Providers (same weights, same prompt, same process):
+
+* ``omni``: the runner with CUDA graphs, a sync-free loop (the sampled ids stay on the device);
+* ``omni-sync``: the same loop reading each step's ids back to the host, as a serving loop does to check for
+  stop ids (shows how much host work per step is exposed once the host waits for the GPU);
+* ``torch-eager``: the runner without CUDA graphs (CUDA only: on CPU it is ``omni``), what graphs buy;
+* ``hf-generate``: transformers' ``Qwen2_5OmniThinkerForConditionalGeneration`` (encoders shrunk to a stub:
+  a text prompt never runs them) with our weights copied in, ``generate(do_sample=False, min_new_tokens=N + 1,
+  max_new_tokens=N + 1)`` from the same prompt ids; the baseline of ``speedup``.
+
+Timing: per-step intervals between CUDA events recorded at the step boundaries (HF: from a logits processor,
+which HF calls once per generated token), so p20/p50/p80 are single decode steps with prefill excluded on
+both sides; ``ms_mean`` is the whole decode loop divided by N. Extra fields: ``tokens_per_s`` (batch x 1000 /
+p50), ``pct_of_copy_bw`` (``gbps`` against the device-to-device copy bandwidth measured in this run),
+``pct_of_spec_bw`` (against the published HBM figure), ``weight_gb``, ``kv_mb`` (KV bytes read per step),
+``host_ms`` (p50 host time to issue one step: when it exceeds the GPU step the loop is host-bound),
+``match_tokens`` (leading generated ids equal to ``omni``'s in every row: 100% on the fp32 CPU run shows
+the weights were copied right; random bf16 weights drift apart after a few ids), ``error`` (a failed
+provider, recorded instead of stopping the bench).
+
+On CPU (or ``quick``): the tiny preset on CPU (fp32, a few steps, HF included when transformers imports); on
+CUDA with ``quick`` the preset at batch 1 with fewer steps.
+
+The helpers below (random init on the device, the timed decode loop, HF generate timing, weight copy into HF)
+are shared with ``bench_talker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from omni_kernels.testing import (
+    Record,
+    copy_bandwidth_gbps,
+    device_name,
+    make_record,
+    quantiles,
+    set_speedups,
+    spec_for,
+)
+from omni_model.config import OmniConfig
+from omni_model.engine.runner import DecoderRunner, RunnerConfig
+from omni_model.layers.sampler import SamplingParams, sample
+from omni_model.models.thinker import ThinkerTextModel
+from omni_model.weights import checkpoint_plan
+
+SEED = 0
+BLOCK_SIZE = 16
+WARMUP_STEPS = 3
+GREEDY = SamplingParams()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Prompt length, decode steps, batch sizes and timed repetitions of one run."""
+
+    prompt: int
+    steps: int
+    batches: tuple[int, ...]
+    reps: int
+
+
+FULL = Plan(prompt=64, steps=128, batches=(1, 8), reps=2)
+QUICK_CUDA = Plan(prompt=64, steps=32, batches=(1,), reps=1)
+QUICK_CPU = Plan(prompt=16, steps=6, batches=(1, 2), reps=1)
+# The encoders of HF's Thinker never run on a text prompt; shrinking them keeps HF's copy to the LM's size.
+HF_STUB_AUDIO = dict(encoder_layers=1, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=16)
+HF_STUB_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, fullatt_block_indexes=[0])
+
+
+def plan_for(device: torch.device, quick: bool) -> Plan:
+    if device.type != "cuda":
+        return QUICK_CPU
+    return QUICK_CUDA if quick else FULL
+
+
+def preset_for(device: torch.device, preset: str) -> str:
+    return preset if device.type == "cuda" else "tiny"
+
+
+def short_name(preset: str) -> str:
+    return preset.strip().lower().removeprefix("qwen/").removeprefix("qwen2.5-omni-")
+
+
+# --------------------------------------------------------------------------------------- random weights
+
+
+@torch.no_grad()
+def init_random_(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights in place on the module's device: matrices N(0, 1/fan_in) (unit-gain layers, so logits
+    are O(1) and greedy ids are not decided by rounding), norm weights 1, other vectors N(0, 0.02)."""
+    params = list(module.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+        elif "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    return module
+
+
+def build_random(factory: Callable[[], nn.Module], *, dtype: torch.dtype, device: torch.device,
+                 seed: int) -> nn.Module:
+    """Builds ``factory()`` on the meta device and materialises it on ``device`` in ``dtype`` with random
+    weights (a 7B LM in seconds: no host allocation, no CPU init, no copy)."""
+    with torch.device("meta"):
+        module = factory()
+    if any(True for _ in module.buffers()):
+        raise ValueError(f"{type(module).__name__} has buffers, which meta construction would leave empty")
+    module = module.to(dtype=dtype).to_empty(device=device)
+    init_random_(module, seed)
+    return module.requires_grad_(False).eval()
+
+
+def param_bytes(*modules: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
+    skipped = {id(p) for m in skip for p in m.parameters()}
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in skipped and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
+def safe_ids(vocab: int, excluded: set[int], n: int, gen: torch.Generator) -> list[int]:
+    """``n`` random ids in [0, vocab) avoiding ``excluded`` (media / stop ids that would change HF's path)."""
+    ok = torch.ones(vocab, dtype=torch.bool)
+    ok[[i for i in excluded if 0 <= i < vocab]] = False
+    pool = ok.nonzero().squeeze(1)
+    return pool[torch.randint(len(pool), (n,), generator=gen)].tolist()
+
+
+def allowed_mask(vocab: int, banned: set[int], device: torch.device) -> torch.Tensor | None:
+    """Ids the loop may emit: all but ``banned`` (HF's ``min_new_tokens`` bans the stop ids until the last
+    step, ``suppress_tokens`` bans others), so both sides decode the same N ids; None when nothing is banned."""
+    if not banned:
+        return None
+    mask = torch.ones(vocab, dtype=torch.bool, device=device)
+    mask[sorted(banned)] = False
+    return mask
+
+
+# --------------------------------------------------------------------------------------- our decode loop
+
+
+@dataclass
+class DecodeSpec:
+    """What the loop feeds one decoder (shapes: B sequences, P prompt tokens, H decoder width)."""
+
+    decoder: nn.Module
+    prompt_ids: Callable[[int], list[list[int]]]  # batch -> B lists of P ids (the block manager's keys)
+    prefill_inputs: Callable[[int], torch.Tensor]  # batch -> (B * P, H) decoder inputs
+    step_inputs: Callable[[torch.Tensor, int], torch.Tensor]  # (ids (B,), step) -> (B, H)
+    logits: Callable[[torch.Tensor], torch.Tensor]  # hidden (B, H) -> (B, V) float32
+    allowed: torch.Tensor | None = None
+
+    def next_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        return sample(self.logits(hidden), GREEDY, allowed=self.allowed)
+
+
+@dataclass
+class LoopResult:
+    step_ms: list[float]  # one value per timed decode step
+    ms_mean: float  # the decode loop's time / steps
+    tokens: torch.Tensor  # (B, steps + 1) on the host: the prefill's id, then one per step
+    host_ms: list[float] = field(default_factory=list)  # host time to issue each step
+    extra: dict = field(default_factory=dict)
+
+
+def make_runner(decoder: nn.Module, *, graphs: bool, plan: Plan, max_model_len: int, dtype: torch.dtype,
+                device: torch.device) -> DecoderRunner:
+    """A runner sized for the plan's largest batch; ``max_model_len`` is the model's (as the pipeline sets it,
+    so the per-step block-table copy has its real width)."""
+    per_seq = -(-(plan.prompt + plan.steps + WARMUP_STEPS + 2) // BLOCK_SIZE)
+    batch = max(plan.batches)
+    config = RunnerConfig(num_blocks=batch * per_seq + 2, block_size=BLOCK_SIZE, max_model_len=max_model_len,
+                          max_batch=batch, cuda_graphs=graphs)
+    return DecoderRunner(decoder, config, dtype=dtype, device=device)
+
+
+def release_runner(runner: DecoderRunner | None) -> None:
+    if runner is not None and runner.cache.storage is not None:
+        runner.cache.release()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def decode_loop(runner: DecoderRunner, spec: DecodeSpec, batch: int, steps: int, *,
+                sync_each_step: bool = False) -> LoopResult:
+    """Prefill B prompts, then ``steps`` greedy decode steps at batch B; times each step.
+
+    Positions stay on the device (incremented in place) and the sampled ids feed the next step without a host
+    round trip, so nothing waits for the GPU unless ``sync_each_step`` reads the ids back.
+    """
+    dev = runner.device
+    cuda = dev.type == "cuda"
+    ids = spec.prompt_ids(batch)
+    prompt = len(ids[0])
+    seqs = [runner.allocate(p, reuse_prefix=False) for p in ids]
+    try:
+        positions = torch.arange(prompt, device=dev).repeat(batch).expand(3, -1).contiguous()
+        hidden = runner.prefill(seqs, spec.prefill_inputs(batch), positions)
+        tok = spec.next_ids(hidden[prompt - 1 :: prompt])
+        out = [tok]
+        pos = torch.full((3, batch), prompt, dtype=torch.int64, device=dev)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
+        stamps, host = [], []
+        if cuda:
+            torch.cuda.synchronize(dev)
+            events[0].record()
+        stamps.append(time.perf_counter())
+        for step in range(steps):
+            t0 = time.perf_counter()
+            if runner.reserve_decode(seqs):
+                raise RuntimeError("the runner's KV cache is full")
+            hidden = runner.decode(seqs, spec.step_inputs(tok, step), pos)
+            tok = spec.next_ids(hidden)
+            pos.add_(1)
+            out.append(tok)
+            host.append((time.perf_counter() - t0) * 1e3)
+            if sync_each_step:
+                tok.tolist()
+            if cuda:
+                events[step + 1].record()
+            stamps.append(time.perf_counter())
+        if cuda:
+            torch.cuda.synchronize(dev)
+            step_ms = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:])]
+            total = events[0].elapsed_time(events[-1])
+        else:
+            step_ms = [(b - a) * 1e3 for a, b in zip(stamps[:-1], stamps[1:])]
+            total = (stamps[-1] - stamps[0]) * 1e3
+        return LoopResult(step_ms, total / max(steps, 1), torch.stack(out, 1).cpu(), host)
+    finally:
+        for s in seqs:
+            runner.free(s)
+
+
+def time_runner(runner: DecoderRunner, spec: DecodeSpec, plan: Plan, batch: int, *,
+                sync_each_step: bool = False) -> LoopResult:
+    """Warm-up (graph capture for the batch bucket, cuBLAS heuristics), then ``plan.reps`` timed loops pooled."""
+    decode_loop(runner, spec, batch, WARMUP_STEPS, sync_each_step=sync_each_step)
+    runs = [decode_loop(runner, spec, batch, plan.steps, sync_each_step=sync_each_step) for _ in range(plan.reps)]
+    return LoopResult(
+        step_ms=[t for r in runs for t in r.step_ms],
+        ms_mean=sum(r.ms_mean for r in runs) / len(runs),
+        tokens=runs[0].tokens,
+        host_ms=[t for r in runs for t in r.host_ms],
+    )
+
+
+# --------------------------------------------------------------------------------------- HF generate
+
+
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Silences transformers' advisory warnings (generation flags, config keys it does not validate)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def hf_build_context(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Builds HF modules directly on ``device`` in ``dtype`` (what ``from_pretrained`` would do), restoring
+    torch's defaults afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), quiet_hf():
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@torch.no_grad()
+def copy_into_hf(ours: nn.Module, hf: nn.Module, *, what: str) -> None:
+    """Copies ``ours`` into the HF module with the same checkpoint names (fused q/k/v and gate/up split back by
+    :func:`omni_model.weights.checkpoint_plan`); every HF parameter must be filled, with the right shape."""
+    hf_params = dict(hf.named_parameters(remove_duplicate=False))
+    ours_params = dict(ours.named_parameters())
+    missing = []
+    for key, target in checkpoint_plan(ours).items():
+        if key not in hf_params:
+            missing.append(key)
+            continue
+        src = ours_params[target.param]
+        if target.start is not None:
+            src = src[target.start : target.stop]
+        dest = hf_params.pop(key)
+        if dest.numel() != src.numel():
+            raise ValueError(f"{what}: {key} has {tuple(dest.shape)} in HF, ours {tuple(src.shape)}")
+        dest.copy_(src.reshape(dest.shape))
+    if missing or hf_params:
+        raise ValueError(f"{what}: weight names differ from HF's: ours only {sorted(missing)[:5]}, "
+                         f"HF only {sorted(hf_params)[:5]}")
+
+
+def untie(hf_head: nn.Linear, hf_embed: nn.Embedding) -> None:
+    """HF ties ``lm_head`` to the embedding where its config says so; the Thinker's are separate tensors."""
+    if hf_head.weight.data_ptr() == hf_embed.weight.data_ptr():
+        hf_head.weight = nn.Parameter(torch.empty_like(hf_embed.weight), requires_grad=False)
+
+
+def _event_marker(device: torch.device, stamps: list):
+    """A logits processor that records a CUDA event (CPU: the wall clock) each time HF scores a new token."""
+    from transformers import LogitsProcessor
+
+    class Marker(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if device.type == "cuda":
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                stamps.append(e)
+            else:
+                stamps.append(time.perf_counter())
+            return scores
+
+    return Marker()
+
+
+@torch.inference_mode()
+def hf_generate_loop(hf: nn.Module, kwargs: Callable[[], dict], steps: int, device: torch.device) -> LoopResult:
+    """One ``generate`` of ``steps + 1`` greedy ids (the prefill's, then ``steps`` decode steps); the intervals
+    between consecutive scoring calls are HF's decode steps."""
+    from transformers import LogitsProcessorList
+
+    stamps: list = []
+    marker = LogitsProcessorList([_event_marker(device, stamps)])
+    t0 = time.perf_counter()
+    with quiet_hf():
+        seqs = hf.generate(**kwargs(), do_sample=False, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                           logits_processor=marker)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        step_ms = [a.elapsed_time(b) for a, b in zip(stamps[:-1], stamps[1:])]
+        total = stamps[0].elapsed_time(stamps[-1])
+    else:
+        step_ms = [(b - a) * 1e3 for a, b in zip(stamps[:-1], stamps[1:])]
+        total = (stamps[-1] - stamps[0]) * 1e3
+    wall = (time.perf_counter() - t0) * 1e3
+    if len(step_ms) != steps:
+        raise RuntimeError(f"HF generate scored {len(stamps)} tokens, expected {steps + 1}")
+    seqs = seqs.sequences if hasattr(seqs, "sequences") else seqs
+    return LoopResult(step_ms, total / steps, seqs[:, -(steps + 1):].cpu(),
+                      extra={"ms_per_token_incl_prefill": wall / (steps + 1)})
+
+
+def time_hf(hf: nn.Module, kwargs: Callable[[], dict], plan: Plan, device: torch.device) -> LoopResult:
+    hf_generate_loop(hf, kwargs, WARMUP_STEPS, device)
+    runs = [hf_generate_loop(hf, kwargs, plan.steps, device) for _ in range(plan.reps)]
+    return LoopResult(
+        step_ms=[t for r in runs for t in r.step_ms],
+        ms_mean=sum(r.ms_mean for r in runs) / len(runs),
+        tokens=runs[0].tokens,
+        extra={"ms_per_token_incl_prefill": sum(r.extra["ms_per_token_incl_prefill"] for r in runs) / len(runs)},
+    )
+
+
+# --------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class Roofline:
+    """Bytes one decode step must read, and the bandwidths to hold them against."""
+
+    weight_bytes: Callable[[int], float]  # batch -> weight bytes read per step
+    kv_bytes_per_token: float  # K and V of one cached token, all layers
+    copy_gbps: float
+    spec_gbps: float | None
+
+    def step_bytes(self, batch: int, plan: Plan) -> tuple[float, float]:
+        """(weight bytes, KV bytes) per step at the run's mean context (step j attends prompt + j + 1 tokens)."""
+        mean_ctx = plan.prompt + (plan.steps + 1) / 2
+        return self.weight_bytes(batch), batch * mean_ctx * self.kv_bytes_per_token
+
+
+def device_roofline(device: torch.device, weight_bytes: Callable[[int], float],
+                    kv_bytes_per_token: float) -> Roofline:
+    spec = spec_for(device_name(device)) if device.type == "cuda" else None
+    return Roofline(weight_bytes, kv_bytes_per_token, copy_bandwidth_gbps(str(device)),
+                    spec["hbm_gbps"] if spec else None)
+
+
+def decode_record(*, bench: str, provider: str, shape: str, dtype: torch.dtype, device: torch.device,
+                  batch: int, plan: Plan, roof: Roofline, result: LoopResult | None = None,
+                  error: str | None = None, reference: torch.Tensor | None = None) -> Record:
+    """A record for one provider at one shape (``result`` None: the provider failed with ``error``)."""
+    weight, kv = roof.step_bytes(batch, plan)
+    extra: dict = dict(weight_gb=weight / 1e9, kv_mb=kv / 1e6)
+    if result is None:
+        return make_record(bench=bench, provider=provider, shape=shape, dtype=dtype, device=device, timing=None,
+                           error=error, **extra)
+    timing = quantiles(result.step_ms)
+    rec = make_record(bench=bench, provider=provider, shape=shape, dtype=dtype, device=device, timing=timing,
+                      nbytes=weight + kv, **extra)
+    p50 = timing[1]
+    rec.extra.update(
+        tokens_per_s=1e3 / p50 * batch,
+        pct_of_copy_bw=100.0 * rec.gbps / roof.copy_gbps,
+        pct_of_spec_bw=100.0 * rec.gbps / roof.spec_gbps if roof.spec_gbps else None,
+        ms_mean=result.ms_mean,
+        tokens_per_s_mean=1e3 / result.ms_mean * batch,
+        host_ms=quantiles(result.host_ms)[1] if result.host_ms else None,
+        **result.extra,
+    )
+    if reference is not None:
+        rec.extra["match_tokens"] = leading_matches(result.tokens, reference)
+    return rec
+
+
+def leading_matches(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading ids (B, L) agree in every row."""
+    n = min(a.shape[1], b.shape[1])
+    same = (a[:, :n] == b[:, :n]).all(0)
+    return n if bool(same.all()) else int(same.to(torch.int8).argmin())
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def run_providers(*, bench: str, label: Callable[[int], str], decoder: nn.Module, spec: DecodeSpec, plan: Plan,
+                  max_model_len: int, dtype: torch.dtype, device: torch.device, roof: Roofline,
+                  hf_factory: Callable[[], nn.Module], hf_kwargs: Callable[[int], Callable[[], dict]]
+                  ) -> list[Record]:
+    """Times ``omni`` / ``omni-sync`` / ``torch-eager`` on our runner and ``hf-generate`` at each batch of the
+    plan; a provider that fails gets a record with its ``error`` and the others go on."""
+    records: list[Record] = []
+    reference: dict[int, torch.Tensor] = {}
+
+    def add(provider, batch, result=None, error=None):
+        records.append(decode_record(bench=bench, provider=provider, shape=label(batch), dtype=dtype, device=device,
+                                     batch=batch, plan=plan, roof=roof, result=result, error=error,
+                                     reference=reference.get(batch) if provider != "omni" else None))
+
+    variants = [("omni", True, False), ("omni-sync", True, True)]
+    if device.type == "cuda":
+        variants.append(("torch-eager", False, False))
+    for graphs in (True, False):
+        names = [v for v in variants if v[1] == graphs]
+        if not names:
+            continue
+        runner = None
+        try:
+            runner = make_runner(decoder, graphs=graphs, plan=plan, max_model_len=max_model_len, dtype=dtype,
+                                 device=device)
+        except Exception as exc:  # a provider's failure is a record, not a crash
+            for name, _, _ in names:
+                for batch in plan.batches:
+                    add(name, batch, error=error_text(exc))
+            continue
+        try:
+            for name, _, sync in names:
+                for batch in plan.batches:
+                    try:
+                        result = time_runner(runner, spec, plan, batch, sync_each_step=sync)
+                    except Exception as exc:
+                        add(name, batch, error=error_text(exc))
+                        continue
+                    if name == "omni":
+                        reference[batch] = result.tokens
+                    add(name, batch, result)
+        finally:
+            release_runner(runner)
+
+    hf = None
+    try:
+        hf = hf_factory()
+    except Exception as exc:  # transformers missing or its API moved: say so in the records
+        for batch in plan.batches:
+            add("hf-generate", batch, error=error_text(exc))
+    if hf is not None:
+        for batch in plan.batches:
+            try:
+                add("hf-generate", batch, time_hf(hf, hf_kwargs(batch), plan, device))
+            except Exception as exc:
+                add("hf-generate", batch, error=error_text(exc))
+        del hf
+        release_runner(None)
+    return set_speedups(records, "hf-generate")
+
+
+# --------------------------------------------------------------------------------------- the Thinker
+
+
+def _hf_thinker(cfg: OmniConfig, ours: ThinkerTextModel, lm_head: nn.Linear, dtype: torch.dtype,
+                device: torch.device) -> nn.Module:
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    d = cfg.to_dict()["thinker_config"]
+    d["audio_config"].update(HF_STUB_AUDIO)
+    d["vision_config"].update(HF_STUB_VISION)
+    with hf_build_context(dtype, device):
+        hf = Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(**d))
+    hf = hf.requires_grad_(False).eval()
+    text = getattr(hf.model, "language_model", hf.model)  # transformers 5 nests the LM one level deeper
+    untie(hf.lm_head, text.embed_tokens)
+    copy_into_hf(ours, text, what="HF thinker text model")
+    with torch.no_grad():
+        hf.lm_head.weight.copy_(lm_head.weight)
+    return hf
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    dev = torch.device(device)
+    plan = plan_for(dev, quick)
+    preset = preset_for(dev, preset)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = OmniConfig.preset(preset)
+    thinker = cfg.thinker_config
+    text = thinker.text_config
+
+    model = build_random(lambda: ThinkerTextModel(text), dtype=dtype, device=dev, seed=SEED)
+    lm_head = build_random(lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False), dtype=dtype,
+                           device=dev, seed=SEED + 1)
+    elem = torch.empty((), dtype=dtype).element_size()
+    layers_bytes = param_bytes(model, lm_head, skip=(model.embed_tokens,))
+    roof = device_roofline(dev, lambda b: layers_bytes + b * text.hidden_size * elem,
+                           2 * text.num_hidden_layers * text.kv_size * elem)
+
+    stops = set(thinker.stop_token_ids)
+    special = {getattr(thinker, n) for n in thinker._SPECIAL} | stops
+    special |= {i for i in (thinker.pad_token_id, thinker.bos_token_id, text.pad_token_id) if i is not None}
+    gen = torch.Generator().manual_seed(SEED)
+    prompts = [safe_ids(text.vocab_size, special, plan.prompt, gen) for _ in range(max(plan.batches))]
+
+    spec = DecodeSpec(
+        decoder=model,
+        prompt_ids=lambda b: prompts[:b],
+        prefill_inputs=lambda b: model.embed_tokens(torch.tensor(prompts[:b], device=dev).flatten()),
+        step_inputs=lambda ids, step: model.embed_tokens(ids),
+        logits=lambda h: lm_head(h).float(),
+        allowed=allowed_mask(text.vocab_size, stops, dev),
+    )
+
+    def hf_kwargs(batch: int) -> Callable[[], dict]:
+        ids = torch.tensor(prompts[:batch], device=dev)
+        eos = sorted(stops) or None
+        return lambda: dict(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=eos,
+                            pad_token_id=eos[0] if eos else None)
+
+    name = short_name(preset)
+    return run_providers(
+        bench="thinker_decode",
+        label=lambda b: f"thinker-{name} B={b} prompt={plan.prompt} steps={plan.steps}",
+        decoder=model, spec=spec, plan=plan, max_model_len=text.max_position_embeddings, dtype=dtype,
+        device=dev, roof=roof, hf_factory=lambda: _hf_thinker(cfg, model, lm_head, dtype, dev),
+        hf_kwargs=hf_kwargs,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--preset", default="qwen2.5-omni-7b")
+    args = parser.parse_args()
+    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Shared fixtures, and the Triton interpreter on machines without a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before omni_kernels is imported:
+# on CPU the Triton backend is tested through its interpreter; on a GPU machine Triton compiles for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory):
+    """(path, hf_model): the tiny preset written by HF transformers 4.57.6's own ``save_pretrained`` (sharded
+    safetensors + index, ``spk_dict.pt`` with Chelsie and Ethan) and the in-memory HF model holding exactly those
+    weights (fp32, eval). Built once per session; treat both as read-only."""
+    pytest.importorskip("transformers")
+    from omni_model.hf_compat import build_tiny_hf_checkpoint
+
+    return build_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf_checkpoint"), seed=0)
