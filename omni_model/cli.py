@@ -32,6 +32,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     records, failures = [], []
     for suite in suites:
         for name in SUITES[suite]:
+            if args.only and name.removeprefix("bench_") not in args.only and name not in args.only:
+                continue
             t0 = time.perf_counter()
             try:
                 module = importlib.import_module(f"omni_benchmarks.{name}")
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="qwen2.5-omni-7b", choices=("qwen2.5-omni-7b", "qwen2.5-omni-3b"))
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="reduced shapes (always on CPU)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these benches (e.g. apply_tmrope thinker)")
     p.set_defaults(func=cmd_bench)
     return parser
 
