@@ -43,6 +43,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"  {name}: FAILED ({type(exc).__name__}: {exc})", file=sys.stderr)
                 continue
             records.extend(rows)
+            if args.json:  # after every bench: a later one that runs out of time must not lose these
+                write_records(records, args.json)
             print(f"  {name}: {len(rows)} records in {time.perf_counter() - t0:.1f}s")
             for r in rows:
                 d = r.to_dict() if hasattr(r, "to_dict") else r

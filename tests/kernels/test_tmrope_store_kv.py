@@ -75,7 +75,10 @@ def _check(backend, config, qkv, q, k, v, positions, k_cache, v_cache, slots):
     untouched[written] = False
     assert torch.equal(k_cache.flatten(0, 1)[untouched], kc_before.flatten(0, 1)[untouched])
     assert torch.equal(k_cache.flatten(0, 1)[written], k[keep]), "the cache holds the rotated k, as k does"
-    assert_close(k_cache, kc_ref, msg="k_cache against the reference")
+    if k.dtype == torch.float32 or backend == "torch":
+        # In fp16/bf16 the cached k differs from HF's doubly rounded one like k itself (checked above against the
+        # oracle); the equality with the rotated k two lines up is the criterion there.
+        assert_close(k_cache, kc_ref, msg="k_cache against the reference")
     assert torch.equal(v_cache, vc_ref), "v is copied as is"
     assert torch.equal(v, v_before)
     assert torch.equal(v_cache.flatten(0, 1)[untouched], vc_before.flatten(0, 1)[untouched])
