@@ -11,6 +11,9 @@ import torch
 # on CPU the Triton backend is tested through its interpreter; on a GPU machine Triton compiles for real.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The CPU tests run tiny shapes, where a second thread costs more in synchronisation than it gains (and a
+    # loaded 2-core machine makes it much worse).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

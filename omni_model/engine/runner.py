@@ -12,6 +12,7 @@ The decoder is any module with ``forward(embeds (T, hidden), positions (3, T)) -
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -160,7 +161,15 @@ class DecoderRunner:
         (3, B) -> hidden (B, hidden)."""
         batch = len(seqs)
         if self.use_graphs and batch <= self.config.max_batch:
-            return self._decode_graph(seqs, embeds, positions)
+            try:
+                return self._decode_graph(seqs, embeds, positions)
+            except torch.cuda.CudaError:
+                raise
+            except RuntimeError as exc:  # a capture the decoder does not support: say so, then run eagerly
+                warnings.warn(f"CUDA graph capture failed ({exc}); decoding without CUDA graphs", stacklevel=2)
+                self.use_graphs = False
+                self._graphs.clear()
+                self.blocks.check_invariants()
         slots, ctx, table = self._decode_host(seqs, batch)
         meta = AttentionMetadata(
             is_prefill=False,
