@@ -10,5 +10,5 @@ SUITES: dict[str, tuple[str, ...]] = {
                 "bench_window_attention", "bench_apply_tmrope",
                 "bench_paged_decode_attention"),
     "model": ("bench_rope_index", "bench_token2wav", "bench_thinker", "bench_talker"),
-    "e2e": (),
+    "e2e": ("bench_pipeline",),
 }
