@@ -198,6 +198,7 @@ _backend.register(
     torch=anti_aliased_snake_ref,
     triton=_anti_aliased_snake_triton if triton is not None else None,
     cuda=_anti_aliased_snake_cuda,
+    # H100, 2026-11-24 (benchmarks/results/h100-2026-11-24-*): 5-17x the torch reference on the BigVGAN stage shapes.
     prefer=("cuda", "triton", "torch"),
 )
 

@@ -320,6 +320,8 @@ _backend.register(
     torch=_torch_impl,
     triton=_paged_decode_attention_triton if triton is not None else None,
     cuda=_paged_decode_attention_cuda,
+    # H100, 2026-11-24 (benchmarks/results/h100-2026-11-24-*): faster than Triton at batch 1; Triton wins at
+    # batch 8 and 16k tokens.
     prefer=("cuda", "triton", "torch"),
 )
 

@@ -242,6 +242,7 @@ _backend.register(
     torch=_sliding_block_attention_torch,
     triton=_sliding_block_attention_triton if triton is not None else None,
     cuda=_sliding_block_attention_cuda,
+    # H100, 2026-11-24 (benchmarks/results/h100-2026-11-24-*): 22-62x HF's dense-mask SDPA at 3000 frames.
     prefer=("cuda", "triton", "torch"),
 )
 

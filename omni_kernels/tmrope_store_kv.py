@@ -110,6 +110,7 @@ _backend.register(
     torch=_tmrope_store_kv_torch,
     triton=_tmrope_store_kv_triton if launch_tmrope_triton is not None else None,
     cuda=_tmrope_store_kv_cuda,
+    # H100, 2026-11-24 (benchmarks/results/h100-2026-11-24-*): faster than Triton and the unfused pair at batch 1-64.
     prefer=("cuda", "triton", "torch"),
 )
 

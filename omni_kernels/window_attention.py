@@ -293,6 +293,8 @@ _backend.register(
     torch=_window_attention_torch,
     triton=_window_attention_triton if triton is not None else None,
     cuda=_window_attention_cuda,
+    # H100, 2026-11-24 (benchmarks/results/h100-2026-11-24-*): 38x the HF per-window loop on 1280x720 windows;
+    # SDPA wins on whole frames.
     prefer=("cuda", "triton", "torch"),
 )
 
