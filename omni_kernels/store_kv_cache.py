@@ -111,19 +111,10 @@ _backend.register(
 )
 
 
-def store_kv_cache(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    *,
-    backend: str | None = None,
+def check_store_kv_args(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Writes ``k[i], v[i]`` to slot ``slot_mapping[i]`` of the paged caches, in place; slot -1 is skipped.
-
-    k, v: (T, Hk, D); k_cache, v_cache: (NB, P, Hk, D) of the same dtype; slot_mapping: (T,) int32/int64.
-    """
+    """The argument checks of :func:`store_kv_cache`, shared with the fused decode op ``tmrope_store_kv``."""
     check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES)
     device = k.device
     check_tensor("v", v, ndim=3, dtypes=FLOAT_DTYPES, device=device)
@@ -140,4 +131,21 @@ def store_kv_cache(
     check_shape("slot_mapping", slot_mapping, (num_tokens,))
     num_blocks, page_size = k_cache.shape[:2]
     check_index_range("slot_mapping", slot_mapping, -1, num_blocks * page_size)
+
+
+def store_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Writes ``k[i], v[i]`` to slot ``slot_mapping[i]`` of the paged caches, in place; slot -1 is skipped.
+
+    k, v: (T, Hk, D); k_cache, v_cache: (NB, P, Hk, D) of the same dtype; slot_mapping: (T,) int32/int64.
+    """
+    check_store_kv_args(k, v, k_cache, v_cache, slot_mapping)
+    device = k.device
     _backend.dispatch("store_kv_cache", device, backend)(k, v, k_cache, v_cache, slot_mapping)

@@ -20,16 +20,8 @@ from collections.abc import Sequence
 import torch
 
 from omni_kernels import _backend, _cuda
-from omni_kernels._checks import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    check_index_range,
-    check_same_dtype,
-    check_shape,
-    check_tensor,
-)
 from omni_kernels.apply_tmrope import apply_tmrope_ref, check_tmrope_args, tmrope_inv_freq
-from omni_kernels.store_kv_cache import store_kv_cache_ref
+from omni_kernels.store_kv_cache import check_store_kv_args, store_kv_cache_ref
 
 
 def tmrope_store_kv_ref(
@@ -135,22 +127,8 @@ def tmrope_store_kv(
     as for :func:`omni_kernels.apply_tmrope`.
     """
     sections, theta = check_tmrope_args(q, k, positions, mrope_section, rope_theta)
-    # The cache arguments, checked as store_kv_cache checks them.
+    check_store_kv_args(k, v, k_cache, v_cache, slot_mapping)
     device = q.device
-    num_tokens, num_kv_heads, head_dim = k.shape
-    check_tensor("v", v, ndim=3, dtypes=FLOAT_DTYPES, device=device)
-    check_shape("v", v, tuple(k.shape))
-    check_same_dtype(("k", "v"), k, v)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
-    check_shape("k_cache", k_cache, (None, None, num_kv_heads, head_dim))
-    check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    check_same_dtype(("k", "k_cache"), k, k_cache)
-    check_same_dtype(("k", "v_cache"), k, v_cache)
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=device)
-    check_shape("slot_mapping", slot_mapping, (num_tokens,))
-    num_blocks, page_size = k_cache.shape[:2]
-    check_index_range("slot_mapping", slot_mapping, -1, num_blocks * page_size)
     _backend.dispatch("tmrope_store_kv", device, backend)(
         q, k, v, positions, k_cache, v_cache, slot_mapping, sections, theta
     )
