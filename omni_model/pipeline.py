@@ -54,7 +54,10 @@ class GenerateOutput:
 @dataclass
 class StreamEvent:
     """One step of :meth:`OmniModel.stream`: new thinker ids, new 24 kHz samples (either may be empty), the
-    timings so far (milliseconds since the request), and the batch row it belongs to."""
+    timings so far, and the batch row it belongs to. ``stage_times``: stage marks in ms since the request
+    (encoders, thinker_prefill, first_token, talker_prefill, first_audio, done) and the row's Token2Wav totals
+    (token2wav_dit_ms, token2wav_vocoder_ms, token2wav_first_chunk_ms, token2wav_chunks). The last event of a row
+    is empty and carries the complete timings."""
 
     text_ids: list[int]
     audio: np.ndarray
@@ -561,22 +564,31 @@ def stream(model: OmniModel, **kwargs) -> Iterator[StreamEvent]:
                         sway_coefficient=cfg.token2wav_sway_coefficient, first_chunk_codes=cfg.first_chunk_codes,
                     )
             empty = np.zeros(0, dtype=np.float32)
+            t2w_times: dict[int, dict[str, float]] = {r.index: {} for r in gen.rows}
+
+            def times(row: int) -> dict[str, float]:
+                return {**gen.times, **t2w_times[row]}
+
             for tokens, codes in gen.steps():
                 by_row: dict[int, list[int]] = {}
                 for r, c in codes:
                     by_row.setdefault(r.index, []).append(c)
                 for r, ids in tokens:
-                    yield StreamEvent(text_ids=ids, audio=empty, stage_times=dict(gen.times), row=r.index)
+                    yield StreamEvent(text_ids=ids, audio=empty, stage_times=times(r.index), row=r.index)
                 for r in gen.rows:
                     if r.streamer is None:
                         continue
                     chunks = r.streamer.push(by_row.get(r.index, []))
                     if r.talker_done or r.error is not None:
                         chunks += r.streamer.finish()
+                    t2w_times[r.index] = r.streamer.stage_times
+                    if r.talker_done or r.error is not None:
                         r.streamer = None
                     for chunk in chunks:
                         gen.mark("first_audio")
-                        yield StreamEvent(text_ids=[], audio=chunk, stage_times=dict(gen.times), row=r.index)
+                        yield StreamEvent(text_ids=[], audio=chunk, stage_times=times(r.index), row=r.index)
             gen.mark("done")
+            for r in gen.rows:  # a last, empty event per row carries the complete timings
+                yield StreamEvent(text_ids=[], audio=empty, stage_times=times(r.index), row=r.index)
         finally:
             gen.release()
