@@ -234,6 +234,9 @@ class _Generation:
         self.t0 = time.perf_counter()
         self.times: dict[str, float] = {}
         self.rows = self._rows()
+        # (rows, vocab) masks of the ids each row has seen, for the repetition penalties (kept on the device).
+        self.thinker_seen: torch.Tensor | None = None
+        self.codec_seen: torch.Tensor | None = None
         self.thinker_stop = set(self._thinker_stop_ids())
         t = self.talker_cfg
         self.codec_stop = {t.tts_codec_end_token_id, t.tts_codec_pad_token_id}
@@ -272,10 +275,15 @@ class _Generation:
         params = self.cfg.thinker_sampling
         seen = None
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=self.device)
-            for i, r in enumerate(rows):
-                mark_seen(seen[i:i + 1], torch.tensor([r.prompt_ids + r.tokens], device=self.device))
-        return sample(logits, params, seen=seen, generator=self.generator).tolist()
+            if self.thinker_seen is None:  # HF penalises every id of the sequence, the prompt's included
+                self.thinker_seen = torch.zeros(len(self.rows), logits.shape[-1], dtype=torch.bool, device=self.device)
+                for r in self.rows:
+                    mark_seen(self.thinker_seen[r.index:r.index + 1], torch.tensor([r.prompt_ids], device=self.device))
+            seen = self.thinker_seen[[r.index for r in rows]]
+        ids = sample(logits, params, seen=seen, generator=self.generator)
+        if seen is not None:
+            self.thinker_seen[torch.tensor([r.index for r in rows], device=self.device), ids] = True
+        return ids.tolist()
 
     def _append_tokens(self, rows: list[_Row], tokens: list[int]) -> None:
         for r, tok in zip(rows, tokens):
@@ -370,14 +378,15 @@ class _Generation:
 
     def _sample_codes(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         t = self.talker_cfg
-        params = self.cfg.talker_sampling
-        seen = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=self.device)
-        # HF's talker input ids: codec mask per prompt position, codec pad, codec bos, then the codes.
-        seen[:, [t.tts_codec_mask_token_id, t.tts_codec_pad_token_id, t.tts_codec_start_token_id]] = True
-        for i, r in enumerate(rows):
-            if r.codes:
-                seen[i, r.codes] = True
-        return sample(logits, params, seen=seen, allowed=self.talker_allowed, generator=self.generator).tolist()
+        if self.codec_seen is None:
+            # HF's talker input ids: codec mask per prompt position, codec pad, codec bos, then the codes.
+            self.codec_seen = torch.zeros(len(self.rows), logits.shape[-1], dtype=torch.bool, device=self.device)
+            self.codec_seen[:, [t.tts_codec_mask_token_id, t.tts_codec_pad_token_id, t.tts_codec_start_token_id]] = True
+        index = torch.tensor([r.index for r in rows], device=self.device)
+        ids = sample(logits, self.cfg.talker_sampling, seen=self.codec_seen[index], allowed=self.talker_allowed,
+                     generator=self.generator)
+        self.codec_seen[index, ids] = True
+        return ids.tolist()
 
     def _append_codes(self, rows: list[_Row], codes: list[int]) -> list[tuple[_Row, int]]:
         new = []
