@@ -229,6 +229,14 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         processor = Qwen2_5OmniProcessor.from_pretrained(model_dir)
+    except ImportError as exc:  # transformers' video processor needs torchvision, even for prompts without video
+        print(f"omni run: transformers could not build the Qwen2.5-Omni processor ({exc}); install torchvision "
+              "for your torch", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"omni run: {exc}", file=sys.stderr)
+        return 2
+    try:
         inputs = _processor_inputs(processor, args)
         model = OmniModel.from_pretrained(model_dir, device=device, dtype=dtype,
                                           enable_audio_output=not args.no_audio)

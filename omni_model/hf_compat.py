@@ -26,7 +26,8 @@ from omni_model.config import OmniConfig
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Qwen2_5OmniConfig
 
-__all__ = ["build_hf_model", "build_tiny_hf_checkpoint", "hf_config", "randomize_weights_", "tiny_speakers"]
+__all__ = ["build_hf_model", "build_tiny_hf_checkpoint", "hf_config", "randomize_weights_", "save_tiny_processor",
+           "tiny_speakers"]
 
 NOISE = 0.1  # std of biases, log-scales and the deviation of norm scales from 1
 # Extra gains by module-name prefix. BigVGAN sums three residual branches per AMP block, 3 blocks per stage and
@@ -127,3 +128,79 @@ def build_tiny_hf_checkpoint(path: str | os.PathLike, *, seed: int = 0, weight_s
     torch.save(speakers, out / "spk_dict.pt")
     model.speaker_map = {name: dict(entry) for name, entry in speakers.items()}
     return out, model
+
+
+# Tiny tokenizer: ids 1-8 are the tiny config's media / role ids (REFERENCE.md), 9-12 the chat markers, then one id
+# per character; 85 ids in all, inside the tiny thinker vocab of 99.
+TINY_SPECIAL = {"<|endoftext|>": 0, "<|AUDIO|>": 1, "<|IMAGE|>": 2, "<|VIDEO|>": 3, "<|audio_bos|>": 4,
+                "<|audio_eos|>": 5, "<|vision_bos|>": 7, "<|vision_eos|>": 8, "<|im_start|>": 9, "<|im_end|>": 10}
+TINY_WORDS = {"user": 6, "system": 11, "assistant": 12}  # "user" is the thinker's user_token_id
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,!?'-:"
+# Qwen2.5-Omni's chat template, reduced to what the processor needs: one placeholder per media item.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% elif c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif c['type'] == 'image' %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif c['type'] == 'video' %}<|vision_bos|><|VIDEO|><|vision_eos|>{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_processor(path: str | os.PathLike, config: OmniConfig | None = None) -> Path:
+    """Writes the files ``Qwen2_5OmniProcessor.from_pretrained`` (HF 4.57.6) reads into ``path``, offline: a
+    character-level tokenizer (``tokenizer.json`` + ``tokenizer_config.json``, Qwen2TokenizerFast with the media
+    tokens as ``extra_special_tokens``: the processor reads ``tokenizer.audio_token`` etc.), one
+    ``preprocessor_config.json`` holding both the WhisperFeatureExtractor (``num_mel_bins`` of ``config``) and the
+    Qwen2VLImageProcessor keys (as the published checkpoints do), ``video_preprocessor_config.json`` and
+    ``chat_template.jinja``.
+
+    The files are written one by one rather than through the processor's ``save_pretrained``: building the
+    processor needs a video processor, which in transformers 4.57.6 needs torchvision; loading it back does too.
+    """
+    import json
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, WhisperFeatureExtractor
+
+    config = OmniConfig.preset("tiny") if config is None else config
+    th = config.thinker_config
+    vision = th.vision_config
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = {**TINY_SPECIAL, **TINY_WORDS}
+    for c in TINY_CHARS:
+        vocab[c] = len(vocab)
+    vocab["<unk>"] = len(vocab)
+    if len(vocab) > th.text_config.vocab_size:
+        raise ValueError(f"the tiny tokenizer needs {len(vocab)} ids; the thinker has {th.text_config.vocab_size}")
+    ids = {"<|AUDIO|>": th.audio_token_id, "<|IMAGE|>": th.image_token_id, "<|VIDEO|>": th.video_token_id,
+           "<|audio_bos|>": th.audio_start_token_id, "<|audio_eos|>": th.audio_end_token_id,
+           "<|vision_bos|>": th.vision_start_token_id, "<|vision_eos|>": th.vision_end_token_id,
+           "user": th.user_token_id}
+    wrong = {t: (vocab[t], i) for t, i in ids.items() if vocab[t] != i}
+    if wrong:
+        raise ValueError(f"the tiny tokenizer's ids do not match the config (ours, config's): {wrong}")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()  # characters join without spaces
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in TINY_WORDS])
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"audio_token": "<|AUDIO|>", "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>",
+                              "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+                              "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>"},
+    )
+    tokenizer.save_pretrained(out)
+    side = vision.patch_size * vision.spatial_merge_size
+    image_kwargs = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                        temporal_patch_size=vision.temporal_patch_size,
+                        min_pixels=(2 * side) ** 2, max_pixels=(4 * side) ** 2)  # 4 to 16 image tokens
+    features = WhisperFeatureExtractor(feature_size=th.audio_config.num_mel_bins).to_dict()
+    image = Qwen2VLImageProcessor(**image_kwargs).to_dict()
+    (out / "preprocessor_config.json").write_text(json.dumps({**features, **image}, indent=2))
+    video = {**image_kwargs, "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5OmniProcessor"}
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    (out / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
+    return out
