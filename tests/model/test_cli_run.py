@@ -142,8 +142,7 @@ def test_read_wav_resamples(tmp_path, rate, channels, width):
 
 
 def test_run_with_missing_weights(checkpoint, capsys):
-    for shard in checkpoint.glob("model-*.safetensors"):
+    for shard in checkpoint.glob("model-*.safetensors"):  # (one shard may hold only parts --no-audio never reads)
         shard.unlink()
-        break
     assert main(["run", "--model", str(checkpoint), "--text", "hi", "--device", "cpu", "--no-audio"]) == 2
     assert ".safetensors" in capsys.readouterr().err
