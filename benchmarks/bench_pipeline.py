@@ -495,13 +495,17 @@ def hf_stage_clock(hf: nn.Module, marks: dict[str, float], device: torch.device)
             marks[_part] = time.perf_counter()
             return out
 
+        shadowed = sub.__dict__.get(method)  # an instance attribute someone else set (a test's spy): restore it
         object.__setattr__(sub, method, wrapped)
-        patched.append((sub, method))
+        patched.append((sub, method, shadowed))
     try:
         yield
     finally:
-        for sub, method in patched:
-            object.__delattr__(sub, method)
+        for sub, method, shadowed in patched:
+            if shadowed is None:
+                object.__delattr__(sub, method)
+            else:
+                object.__setattr__(sub, method, shadowed)
 
 
 @torch.inference_mode()
