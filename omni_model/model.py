@@ -28,6 +28,7 @@ from omni_model.models.audio_encoder import audio_token_lengths
 from omni_model.models.talker import Talker
 from omni_model.models.thinker import Thinker, ThinkerTextModel
 from omni_model.models.token2wav import Token2Wav
+from omni_model.rope_index import config_kwargs as rope_config_kwargs
 from omni_model.rope_index import get_rope_index
 from omni_model.weights import load_module
 
@@ -251,15 +252,7 @@ def prepare_thinker_prompt(
         use_audio_in_video=use_audio_in_video,
         audio_seqlens=torch.tensor(mel_lens, dtype=torch.int64) if mel_lens else None,
         second_per_grids=seconds,
-        spatial_merge_size=merge,
-        position_id_per_seconds=cfg.position_id_per_seconds,
-        seconds_per_chunk=cfg.seconds_per_chunk,
-        image_token_id=cfg.image_token_id,
-        video_token_id=cfg.video_token_id,
-        audio_token_id=cfg.audio_token_id,
-        vision_start_token_id=cfg.vision_start_token_id,
-        audio_start_token_id=cfg.audio_start_token_id,
-        audio_end_token_id=cfg.audio_end_token_id,
+        **rope_config_kwargs(cfg, merge),
     )
     positions = position_ids[:, real]
     limit = text.max_position_embeddings

@@ -22,6 +22,7 @@ error, or a stream closed early) returns the blocks of all rows.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -295,12 +296,14 @@ class _Generation:
         runner, thinker = self.engine.thinker, self.model.thinker
         p = self.prompt
         live = []
+        media_ids = self._media_ids()
+        salt = self._media_salt() if any(m is not None for m in (p.audio, p.images, p.videos)) else None
         for r in self.rows:
-            media = [i for i, t in enumerate(r.prompt_ids) if t in self._media_ids()]
+            media = [i for i, t in enumerate(r.prompt_ids) if t in media_ids]
             try:
                 # The talker needs hidden states of every prompt token: no prefix reuse for speaking rows.
                 r.tseq = runner.allocate(r.prompt_ids, media_start=media[0] if media else None,
-                                         salt=self._media_salt(r) if media else None, reuse_prefix=not r.speak)
+                                         salt=salt if media else None, reuse_prefix=not r.speak)
                 live.append(r)
             except (CacheFullError, ValueError) as exc:
                 r.error, r.thinker_done = str(exc), True
@@ -324,24 +327,23 @@ class _Generation:
         self.mark("thinker_prefill")
         if self.cfg.return_audio:
             starts = np.cumsum([0] + [r.tseq.num_tokens for r in live])
-            media_ids = torch.tensor(sorted(self._media_ids()), device=self.device)
+            media_tensor = torch.tensor(sorted(media_ids), device=self.device)
             for i, r in enumerate(live):
                 sl = slice(int(starts[i]), int(starts[i + 1]))
                 ids = p.ids[offsets[r.index]:offsets[r.index + 1]].to(self.device)
                 r.prompt_hidden = hidden[sl]
                 r.prompt_embeds = embeds[offsets[r.index]:offsets[r.index + 1]].masked_fill(
-                    torch.isin(ids, media_ids)[:, None], 0)
+                    torch.isin(ids, media_tensor)[:, None], 0)
         self._append_tokens(live, tokens)
 
     def _media_ids(self) -> set[int]:
         c = self.thinker_cfg
         return {c.audio_token_id, c.image_token_id, c.video_token_id}
 
-    def _media_salt(self, row: _Row) -> bytes:
+    def _media_salt(self) -> bytes:
         # Media placeholders are equal ids for different content: salt the prefix hash with the request's
-        # features (cheap digest of their bytes) so two prompts share blocks only when the media are equal.
-        import hashlib
-
+        # features (a digest of all media of the batch, made once) so prompts share blocks only when the media
+        # are equal.
         h = hashlib.blake2b(digest_size=16)
         for media in (self.prompt.audio, self.prompt.images, self.prompt.videos):
             if media is not None:

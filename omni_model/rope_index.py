@@ -56,6 +56,22 @@ def audio_token_count(mel_frames: int) -> int:
     return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
+def config_kwargs(cfg, spatial_merge_size: int) -> dict:
+    """The keyword arguments of :func:`get_rope_index` that come from a model config (the Thinker's or the
+    Talker's: both carry the same token ids and timing fields)."""
+    return dict(
+        spatial_merge_size=spatial_merge_size,
+        position_id_per_seconds=cfg.position_id_per_seconds,
+        seconds_per_chunk=cfg.seconds_per_chunk,
+        image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id,
+        audio_token_id=cfg.audio_token_id,
+        vision_start_token_id=cfg.vision_start_token_id,
+        audio_start_token_id=cfg.audio_start_token_id,
+        audio_end_token_id=cfg.audio_end_token_id,
+    )
+
+
 def get_rope_index(
     input_ids: torch.Tensor,
     image_grid_thw: torch.Tensor | None = None,

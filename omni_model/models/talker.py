@@ -21,7 +21,7 @@ from torch import nn
 
 from omni_model.layers.attention import PagedAttention
 from omni_model.models.thinker import ThinkerTextModel
-from omni_model.rope_index import get_rope_index
+from omni_model.rope_index import config_kwargs, get_rope_index
 from omni_model.weights import load_module
 
 
@@ -123,15 +123,7 @@ class Talker(nn.Module):
             use_audio_in_video=use_audio_in_video,
             audio_seqlens=audio_seqlens,
             second_per_grids=second_per_grids,
-            spatial_merge_size=cfg.spatial_merge_size,
-            position_id_per_seconds=cfg.position_id_per_seconds,
-            seconds_per_chunk=cfg.seconds_per_chunk,
-            image_token_id=cfg.image_token_id,
-            video_token_id=cfg.video_token_id,
-            audio_token_id=cfg.audio_token_id,
-            vision_start_token_id=cfg.vision_start_token_id,
-            audio_start_token_id=cfg.audio_start_token_id,
-            audio_end_token_id=cfg.audio_end_token_id,
+            **config_kwargs(cfg, cfg.spatial_merge_size),
         )
         return pos[:, 0], int(delta[0, 0])
 
