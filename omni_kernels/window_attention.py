@@ -21,6 +21,10 @@ Kernels (Triton and CUDA) are flash-attention style: online softmax in fp32 over
 
 Neither needs a host sync when ``max_seqlen`` is given; the whole (T, T) mask is never built.
 
+With ``backend=None`` on CUDA, calls whose segments may exceed ``SDPA_MIN_SEQLEN`` tokens (the vision encoder's
+whole-frame layers) go to torch's SDPA instead, batched per run of equal-length segments
+(:func:`window_attention_sdpa`): flash attention beats both kernels on rows of thousands of keys (measured).
+
 Head dims: Triton splits D into two power-of-two column blocks (80 = 64 + 16: no padding to 128; odd D such as 59
 are masked), D <= 256. CUDA (csrc/window_attention.cu) takes any D <= 128: bf16/fp16 on tensor cores (mma.sync,
 D zero-padded to 64, 80 or 128 in shared memory), fp32 on a SIMT kernel with exact fp32 products. Triton's fp32
@@ -30,8 +34,10 @@ dots are exact too (``input_precision="ieee"``, no TF32): the tests hold fp32 to
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 
 from omni_kernels import _backend, _cuda
 from omni_kernels._checks import (
@@ -48,6 +54,11 @@ from omni_kernels._checks import (
 MAX_HEAD_DIM = {"triton": 256, "cuda": 128}
 # Segments this short are packed several to a program (see the module docstring).
 PACK_MAX_SEQLEN = 16
+# With backend=None on CUDA, segments longer than this go to torch's SDPA (flash / memory-efficient kernels), one
+# batched call per run of equal-length segments. H100, 2026-11-24 (benchmarks/results/h100-2026-11-24-*): on a
+# 4784-patch whole frame SDPA took 0.46 ms, our Triton 0.66 ms and CUDA 1.04 ms; on two 576-patch frames CUDA took
+# 0.11 ms and a per-segment SDPA loop 0.21 ms. The crossover lies between 576 and 4784; 1024 is not measured.
+SDPA_MIN_SEQLEN = 1024
 
 
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -288,13 +299,42 @@ def _window_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale):
     return window_attention_ref(q, k, v, cu_seqlens, scale=scale)
 
 
+def window_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int], scale: float):
+    """Segments of long, mostly equal lengths (whole frames) through ``F.scaled_dot_product_attention``.
+
+    ``cu`` holds the segment bounds on the host. Each run of consecutive segments of one length is one batched
+    SDPA call on (n, H, L, D) views of q, k, v (no copies when the inputs are views of a fused QKV output).
+    """
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    start = 0
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    i = 0
+    while i < len(lengths):
+        length, n = lengths[i], 1
+        while i + n < len(lengths) and lengths[i + n] == length:
+            n += 1
+        end = start + n * length
+        if length:
+            q4, k4, v4 = (t[start:end].unflatten(0, (n, length)).transpose(1, 2) for t in (q, k, v))
+            attn = F.scaled_dot_product_attention(q4, k4, v4, scale=scale)
+            out[start:end] = attn.transpose(1, 2).flatten(0, 1)
+        start, i = end, i + n
+    return out
+
+
+def routes_to_sdpa(device: torch.device, backend: str | None, max_seqlen: int) -> bool:
+    """True when ``backend=None`` on CUDA meets segments long enough for SDPA to win (see ``SDPA_MIN_SEQLEN``)."""
+    return (backend is None and not os.environ.get("OMNI_BACKEND") and device.type == "cuda"
+            and max_seqlen > SDPA_MIN_SEQLEN)
+
+
 _backend.register(
     "window_attention",
     torch=_window_attention_torch,
     triton=_window_attention_triton if triton is not None else None,
     cuda=_window_attention_cuda,
     # H100, 2026-11-24 (benchmarks/results/h100-2026-11-24-*): 38x the HF per-window loop on 1280x720 windows;
-    # SDPA wins on whole frames.
+    # SDPA wins on whole frames: the front door routes those to it (SDPA_MIN_SEQLEN).
     prefer=("cuda", "triton", "torch"),
 )
 
@@ -323,7 +363,8 @@ def window_attention(
     max_seqlen: an upper bound on the segment lengths (host int). Given, the launch needs no host sync; None
     reads cu_seqlens on the host (a sync) and also checks its values.
     scale: the softmax scale, default D ** -0.5. Returns (T, H, D) contiguous, in the dtype of q.
-    The CUDA backend takes D <= 128, the Triton backend D <= 256, the torch reference any D.
+    The CUDA backend takes D <= 128, the Triton backend D <= 256, the torch reference any D. With backend None on
+    CUDA, segments longer than ``SDPA_MIN_SEQLEN`` go to SDPA (reading cu_seqlens on the host).
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     device = q.device
@@ -359,6 +400,9 @@ def window_attention(
     if max_seqlen == 0:
         raise ValueError(f"max_seqlen=0 but q has T={num_tokens} tokens")
     max_seqlen = min(max_seqlen, num_tokens)
+    if routes_to_sdpa(device, backend, max_seqlen):
+        # Whole-frame layers: the bounds are needed on the host (one sync per call; encoders are not graphed).
+        return window_attention_sdpa(q, k, v, cu_seqlens.tolist(), scale)
     return _backend.dispatch("window_attention", device, name)(
         q, k, v, cu_seqlens.to(torch.int32), max_seqlen, scale
     )

@@ -5,6 +5,7 @@ import torch
 
 from omni_kernels import available, window_attention, window_attention_ref
 from omni_kernels.testing import assert_close_to_oracle, skip_unless_backend
+from omni_kernels.window_attention import SDPA_MIN_SEQLEN, routes_to_sdpa, window_attention_sdpa
 
 OP = "window_attention"
 BACKENDS = [
@@ -124,6 +125,40 @@ def test_reference_against_dense_mask():
     scores = scores.masked_fill(seg[None, :, None] != seg[None, None, :], float("-inf"))
     expect = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), v)
     torch.testing.assert_close(window_attention_ref(q, k, v, cu), expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths", [[40, 40, 40], [0, 33, 33, 7, 0, 7, 7, 50], [1], [0, 0]])
+def test_sdpa_route_matches_oracle(dtype, lengths):
+    # The whole-frame route (batched SDPA per run of equal lengths), on CPU where it can be run directly.
+    q, k, v, cu = _case(lengths, 2, 80, dtype, "cpu")
+    out = window_attention_sdpa(q, k, v, cu.tolist(), 80**-0.5)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    oracle = window_attention_ref(q.double(), k.double(), v.double(), cu)
+    torch_lowp = window_attention_ref(q, k, v, cu, upcast=False)
+    assert_close_to_oracle(out, torch_lowp, oracle, name=f"sdpa {lengths}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_backend_routes_whole_frames_gpu(dtype, monkeypatch):
+    monkeypatch.delenv("OMNI_BACKEND", raising=False)
+    lengths = [SDPA_MIN_SEQLEN + 76] * 2 + [300]
+    q, k, v, cu = _case(lengths, 4, 80, dtype, "cuda")
+    _check(None, q, k, v, cu, max_seqlen=max(lengths), name="default route")
+
+
+def test_sdpa_route_choice(monkeypatch):
+    monkeypatch.delenv("OMNI_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    long = SDPA_MIN_SEQLEN + 1
+    assert routes_to_sdpa(cuda, None, long)
+    assert not routes_to_sdpa(cuda, None, SDPA_MIN_SEQLEN)  # windows and audio chunks stay on the kernels
+    assert not routes_to_sdpa(cpu, None, long)  # CPU keeps the reference
+    assert not routes_to_sdpa(cuda, "cuda", long)  # an explicit backend is obeyed
+    monkeypatch.setenv("OMNI_BACKEND", "triton")
+    assert not routes_to_sdpa(cuda, None, long)
 
 
 def test_custom_op_traces_under_compile():
