@@ -171,6 +171,27 @@ def engine_for(model: OmniModel) -> Engine:
 # ------------------------------------------------------------------------------------------------ per row
 
 
+class _Readback:
+    """Sampled ids on their way to the host for ``rows``: on CUDA a non-blocking copy into pinned memory and an
+    event, read one iteration later, once the GPU has moved on to the next step (no stall, no idle GPU)."""
+
+    def __init__(self, rows: list[_Row], ids: torch.Tensor):
+        self.rows = rows
+        self.event = None
+        if ids.device.type == "cuda":
+            self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self.host.copy_(ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = ids
+
+    def values(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 @dataclass
 class _Row:
     index: int
@@ -178,7 +199,8 @@ class _Row:
     positions: torch.Tensor  # (3, L) prompt TMRoPE ids
     delta: int  # decode position = cache index + delta
     tseq: SeqBlocks | None = None
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # read back on the host
+    tokens_in_flight: int = 0  # sampled on the device, not read back yet
     thinker_done: bool = False
     # Talker state (audio rows only).
     speak: bool = False
@@ -187,8 +209,13 @@ class _Row:
     reply: list[torch.Tensor] = field(default_factory=list)  # reply elements (E,): hidden + embedding
     kseq: SeqBlocks | None = None
     codes: list[int] = field(default_factory=list)
+    codes_in_flight: int = 0
     talker_done: bool = False
     error: str | None = None
+    # A cache that ran out on a step fed with a token not yet read back: the error stands only if that token
+    # does not end the row (a row that finished needs no more room).
+    thinker_blocked: str | None = None
+    talker_blocked: str | None = None
     streamer: object | None = None
 
     @property
@@ -205,7 +232,14 @@ class _Row:
 
 
 class _Generation:
-    """One request batch through the lockstep loop. ``run`` yields (row, new text ids, new codes) per step."""
+    """One request batch through the lockstep loop. ``steps`` yields (new text ids, new codes) per iteration.
+
+    The loop never waits for the GPU to hand over a token: each step feeds the last sampled ids straight from the
+    device (``last_token`` / ``last_code``), and their values reach the host one iteration later (:class:`_Readback`)
+    for the stop checks. A row whose token turns out to end it has run one step too many: that step's reply element,
+    KV entry and sample are dropped (its blocks go back with the row's). With greedy decoding the outputs are exactly
+    those of a loop that syncs every step; with sampling the extra step draws from the generator too.
+    """
 
     def __init__(self, model: OmniModel, inputs: dict, cfg: GenerationConfig):
         self.model, self.cfg = model, cfg
@@ -235,6 +269,12 @@ class _Generation:
         self.t0 = time.perf_counter()
         self.times: dict[str, float] = {}
         self.rows = self._rows()
+        # The last sampled id of every row, on the device: the next step's input, before the host knows it.
+        self.last_token = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)
+        self.last_code = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)
+        self.thinker_reads: list[_Readback] = []
+        self.talker_reads: list[_Readback] = []
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         # (rows, vocab) masks of the ids each row has seen, for the repetition penalties (kept on the device).
         self.thinker_seen: torch.Tensor | None = None
         self.codec_seen: torch.Tensor | None = None
@@ -242,6 +282,7 @@ class _Generation:
         t = self.talker_cfg
         self.codec_stop = {t.tts_codec_end_token_id, t.tts_codec_pad_token_id}
         self.talker_allowed = None
+        self.text_end_pad = None
         if model.talker is not None:
             vocab = t.vocab_size
             table = model.token2wav.dit.num_embeds if model.token2wav is not None else vocab
@@ -249,10 +290,29 @@ class _Generation:
             allowed[list(self.codec_stop)] = True
             allowed[t.tts_codec_start_token_id] = False  # HF suppresses the codec bos
             self.talker_allowed = allowed.to(self.device)
+        if cfg.return_audio:
+            # Reply elements after the text: the Thinker's embeddings of text-end, then text-pad (made once).
+            ids = self._h2d([t.tts_text_end_token_id, t.tts_text_pad_token_id])
+            self.text_end_pad = self.model.thinker.model.embed_tokens(ids)
 
     def mark(self, stage: str) -> None:
         if stage not in self.times:
             self.times[stage] = (time.perf_counter() - self.t0) * 1e3
+
+    def _h2d(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """A small host list on the device without a sync (pinned staging, non-blocking copy)."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _index(self, rows: list[_Row]) -> torch.Tensor:
+        """The batch rows of ``rows`` as a device index (made once per distinct set of rows)."""
+        key = tuple(r.index for r in rows)
+        index = self._indices.get(key)
+        if index is None:
+            index = self._indices[key] = self._h2d(list(key))
+        return index
 
     def _thinker_stop_ids(self) -> list[int]:
         # The checkpoint's generation_config.json (read by from_pretrained) wins over the config's eos ids.
@@ -272,25 +332,42 @@ class _Generation:
 
     # ----------------------------------------------------------------------------------------- thinker
 
-    def _sample_thinker(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _sample_thinker(self, logits: torch.Tensor, rows: list[_Row], index: torch.Tensor) -> None:
+        """Samples the next token of ``rows`` on the device and starts its readback."""
         params = self.cfg.thinker_sampling
         seen = None
         if params.repetition_penalty != 1.0:
             if self.thinker_seen is None:  # HF penalises every id of the sequence, the prompt's included
                 self.thinker_seen = torch.zeros(len(self.rows), logits.shape[-1], dtype=torch.bool, device=self.device)
                 for r in self.rows:
-                    mark_seen(self.thinker_seen[r.index:r.index + 1], torch.tensor([r.prompt_ids], device=self.device))
-            seen = self.thinker_seen[[r.index for r in rows]]
+                    mark_seen(self.thinker_seen[r.index:r.index + 1], self._h2d([r.prompt_ids]))
+            seen = self.thinker_seen[index]
         ids = sample(logits, params, seen=seen, generator=self.generator)
         if seen is not None:
-            self.thinker_seen[torch.tensor([r.index for r in rows], device=self.device), ids] = True
-        return ids.tolist()
+            self.thinker_seen[index, ids] = True
+        self.last_token[index] = ids
+        for r in rows:
+            r.tokens_in_flight += 1
+        self.thinker_reads.append(_Readback(rows, ids))
 
-    def _append_tokens(self, rows: list[_Row], tokens: list[int]) -> None:
-        for r, tok in zip(rows, tokens):
-            r.tokens.append(tok)
-            if tok in self.thinker_stop or len(r.tokens) >= self.cfg.thinker_max_new_tokens:
-                r.thinker_done = True
+    def _read_thinker(self, keep: int = 0) -> None:
+        """Reads back all but the newest ``keep`` thinker samples: appends them, ends rows at a stop id or at
+        ``thinker_max_new_tokens``."""
+        while len(self.thinker_reads) > keep:
+            read = self.thinker_reads.pop(0)
+            for r, tok in zip(read.rows, read.values()):
+                r.tokens_in_flight -= 1
+                if r.thinker_done:
+                    continue  # sampled after the row's end: dropped
+                r.tokens.append(tok)
+                stop = tok in self.thinker_stop
+                if stop or len(r.tokens) >= self.cfg.thinker_max_new_tokens:
+                    r.thinker_done = True
+                    r.thinker_blocked = None
+                    if stop and r.tokens_in_flight and r.reply:
+                        r.reply.pop()  # the end of turn was fed one step too many: its element is not a reply
+                elif r.thinker_blocked is not None and not r.tokens_in_flight:
+                    r.error, r.thinker_done = r.thinker_blocked, True
 
     def thinker_prefill(self) -> None:
         runner, thinker = self.engine.thinker, self.model.thinker
@@ -321,9 +398,8 @@ class _Generation:
                           for r in live]).to(self.device)
         positions = p.positions.to(self.device)
         hidden = runner.prefill([r.tseq for r in live], embeds[take], positions[:, take])
-        last = torch.tensor(np.cumsum([r.tseq.num_tokens - r.tseq.num_cached_tokens for r in live]) - 1,
-                            device=self.device)
-        tokens = self._sample_thinker(thinker.compute_logits(hidden[last]), live)
+        last = self._h2d(list(np.cumsum([r.tseq.num_tokens - r.tseq.num_cached_tokens for r in live]) - 1))
+        self._sample_thinker(thinker.compute_logits(hidden[last]), live, self._index(live))
         self.mark("thinker_prefill")
         if self.cfg.return_audio:
             starts = np.cumsum([0] + [r.tseq.num_tokens for r in live])
@@ -334,7 +410,6 @@ class _Generation:
                 r.prompt_hidden = hidden[sl]
                 r.prompt_embeds = embeds[offsets[r.index]:offsets[r.index + 1]].masked_fill(
                     torch.isin(ids, media_tensor)[:, None], 0)
-        self._append_tokens(live, tokens)
 
     def _media_ids(self) -> set[int]:
         c = self.thinker_cfg
@@ -351,68 +426,81 @@ class _Generation:
                 h.update(repr(media[1]).encode())
         return h.digest()
 
-    def thinker_step(self) -> list[_Row]:
-        """Feeds each active row's last token; records its reply element; samples the next token."""
-        rows = [r for r in self.rows if r.thinker_active]
-        if not rows:
-            return []
+    def _thinker_feedable(self, r: _Row) -> bool:
+        return (r.thinker_active and r.thinker_blocked is None
+                and len(r.tokens) + r.tokens_in_flight < self.cfg.thinker_max_new_tokens)
+
+    def thinker_step(self) -> None:
+        """Feeds each row's last sampled token (from the device), records its reply element, samples the next
+        token; then reads back the previous iteration's tokens."""
+        rows = [r for r in self.rows if self._thinker_feedable(r)]
         runner, thinker = self.engine.thinker, self.model.thinker
         for i in reversed(runner.reserve_decode([r.tseq for r in rows])):
-            rows[i].error, rows[i].thinker_done = "KV cache full: the thinker ran out of blocks", True
-            rows.pop(i)
-        if not rows:
-            return []
-        last = torch.tensor([r.tokens[-1] for r in rows], device=self.device)
-        embeds = thinker.model.embed_tokens(last)
-        pos = torch.tensor([r.tseq.num_tokens - 1 + r.delta for r in rows], device=self.device).expand(3, -1)
-        hidden = runner.decode([r.tseq for r in rows], embeds, pos)
-        if self.cfg.return_audio:
-            for i, r in enumerate(rows):
-                r.reply.append(hidden[i] + embeds[i])
-        tokens = self._sample_thinker(thinker.compute_logits(hidden), rows)
-        self._append_tokens(rows, tokens)
-        return rows
+            r = rows.pop(i)
+            message = "KV cache full: the thinker ran out of blocks"
+            if r.tokens_in_flight:
+                r.thinker_blocked = message  # stands unless the token in flight ends the row
+            else:
+                r.error, r.thinker_done = message, True
+        if rows:
+            index = self._index(rows)
+            embeds = thinker.model.embed_tokens(self.last_token[index])
+            pos = self._h2d([r.tseq.num_tokens - 1 + r.delta for r in rows]).expand(3, -1)
+            hidden = runner.decode([r.tseq for r in rows], embeds, pos)
+            if self.cfg.return_audio:
+                for i, r in enumerate(rows):
+                    r.reply.append(hidden[i] + embeds[i])
+            self._sample_thinker(thinker.compute_logits(hidden), rows, index)
+        self._read_thinker(keep=1 if rows else 0)
 
     # ----------------------------------------------------------------------------------------- talker
 
-    def _thinker_embed(self, token: int) -> torch.Tensor:
-        return self.model.thinker.model.embed_tokens(torch.tensor([token], device=self.device))[0]
-
-    def _sample_codes(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _sample_codes(self, logits: torch.Tensor, rows: list[_Row], index: torch.Tensor) -> None:
         t = self.talker_cfg
         if self.codec_seen is None:
             # HF's talker input ids: codec mask per prompt position, codec pad, codec bos, then the codes.
             self.codec_seen = torch.zeros(len(self.rows), logits.shape[-1], dtype=torch.bool, device=self.device)
             self.codec_seen[:, [t.tts_codec_mask_token_id, t.tts_codec_pad_token_id, t.tts_codec_start_token_id]] = True
-        index = torch.tensor([r.index for r in rows], device=self.device)
         ids = sample(logits, self.cfg.talker_sampling, seen=self.codec_seen[index], allowed=self.talker_allowed,
                      generator=self.generator)
         self.codec_seen[index, ids] = True
-        return ids.tolist()
+        self.last_code[index] = ids
+        for r in rows:
+            r.codes_in_flight += 1
+        self.talker_reads.append(_Readback(rows, ids))
 
-    def _append_codes(self, rows: list[_Row], codes: list[int]) -> list[tuple[_Row, int]]:
+    def _read_codes(self, keep: int = 0) -> list[tuple[_Row, int]]:
+        """Reads back all but the newest ``keep`` talker samples; returns the new codes (stop ids end a row)."""
         new = []
-        for r, c in zip(rows, codes):
-            if c in self.codec_stop:
-                r.talker_done = True
-                continue
-            r.codes.append(c)
-            new.append((r, c))
-            if len(r.codes) >= self.cfg.talker_max_new_tokens:
-                r.talker_done = True
+        while len(self.talker_reads) > keep:
+            read = self.talker_reads.pop(0)
+            for r, c in zip(read.rows, read.values()):
+                r.codes_in_flight -= 1
+                if r.talker_done:
+                    continue
+                if c in self.codec_stop:
+                    r.talker_done, r.talker_blocked = True, None
+                    continue
+                r.codes.append(c)
+                new.append((r, c))
+                if len(r.codes) >= self.cfg.talker_max_new_tokens:
+                    r.talker_done, r.talker_blocked = True, None
+                elif r.talker_blocked is not None and not r.codes_in_flight:
+                    r.error, r.talker_done = r.talker_blocked, True
         return new
 
-    def talker_prefill(self) -> list[tuple[_Row, int]]:
-        rows = [r for r in self.rows if r.talker_waiting and r.reply]
+    def talker_prefill(self) -> int:
+        """Starts the talker of every row whose first reply element is known; returns how many it started."""
+        rows = [r for r in self.rows if r.talker_waiting and r.reply and r.tokens]
         # A reply of one token (only the end of turn) has nothing to speak.
         for r in self.rows:
             if r.talker_waiting and r.thinker_done and not r.reply:
                 r.talker_done = True
         if not rows:
-            return []
+            return 0
         talker, runner = self.model.talker, self.engine.talker
         bos = self.speaker["bos_token"]
-        spk = self._thinker_embed(bos)
+        spk = self.model.thinker.model.embed_tokens(self._h2d([bos]))[0]
         embeds, positions, live = [], [], []
         for r in rows:
             ids = r.prompt_ids + [bos, r.tokens[0]]
@@ -427,62 +515,73 @@ class _Generation:
             positions.append(torch.cat([r.positions, extra], dim=1))
             live.append(r)
         if not live:
-            return []
+            return 0
         hidden = runner.prefill([r.kseq for r in live], talker.project(torch.cat(embeds)),
                                 torch.cat(positions, dim=1).to(self.device))
-        last = torch.tensor(np.cumsum([r.kseq.num_tokens for r in live]) - 1, device=self.device)
-        codes = self._sample_codes(talker.logits(hidden[last]), live)
+        last = self._h2d(list(np.cumsum([r.kseq.num_tokens for r in live]) - 1))
+        self._sample_codes(talker.logits(hidden[last]), live, self._index(live))
         self.mark("talker_prefill")
-        return self._append_codes(live, codes)
+        return 1
 
     def _reply_element(self, r: _Row) -> torch.Tensor | None:
-        k = len(r.codes)  # codes so far = the index of the next talker step
-        if k < len(r.reply):
-            return r.reply[k]
+        k = len(r.codes) + r.codes_in_flight  # codes so far = the index of the next talker step
+        if k < len(r.reply) and (r.thinker_done or k < len(r.tokens)):
+            return r.reply[k]  # an element of a token read back (a later end of turn can only drop later ones)
         if not r.thinker_done:
-            return None  # the thinker has not produced it yet (cannot happen in lockstep, but be safe)
-        t = self.talker_cfg
-        return self._thinker_embed(t.tts_text_end_token_id if k == len(r.reply) else t.tts_text_pad_token_id)
+            return None  # not known yet (cannot happen in lockstep, but be safe)
+        return self.text_end_pad[0 if k == len(r.reply) else 1]
 
-    def talker_step(self) -> list[tuple[_Row, int]]:
+    def _talker_feedable(self, r: _Row) -> bool:
+        return (r.talker_active and r.talker_blocked is None
+                and len(r.codes) + r.codes_in_flight < self.cfg.talker_max_new_tokens)
+
+    def talker_step(self) -> int:
+        """Feeds each speaking row's last code (from the device) plus its reply element; returns the number of
+        launches (0 when no row could take a step)."""
         rows, elems = [], []
         for r in self.rows:
-            if r.talker_active:
+            if self._talker_feedable(r):
                 e = self._reply_element(r)
                 if e is not None:
                     rows.append(r)
                     elems.append(e)
-        if not rows:
-            return []
         talker, runner = self.model.talker, self.engine.talker
         for i in reversed(runner.reserve_decode([r.kseq for r in rows])):
-            rows[i].error, rows[i].talker_done = "KV cache full: the talker ran out of blocks", True
-            rows.pop(i)
+            r = rows.pop(i)
             elems.pop(i)
+            message = "KV cache full: the talker ran out of blocks"
+            if r.codes_in_flight:
+                r.talker_blocked = message
+            else:
+                r.error, r.talker_done = message, True
         if not rows:
-            return []
-        prev = torch.tensor([r.codes[-1] for r in rows], device=self.device)
-        embeds = talker.project(talker.step_embeds(prev, torch.stack(elems)))
-        pos = torch.tensor([r.kseq.num_tokens - 1 + r.delta for r in rows], device=self.device).expand(3, -1)
+            return 0
+        index = self._index(rows)
+        embeds = talker.project(talker.step_embeds(self.last_code[index], torch.stack(elems)))
+        pos = self._h2d([r.kseq.num_tokens - 1 + r.delta for r in rows]).expand(3, -1)
         hidden = runner.decode([r.kseq for r in rows], embeds, pos)
-        return self._append_codes(rows, self._sample_codes(talker.logits(hidden), rows))
+        self._sample_codes(talker.logits(hidden), rows, index)
+        return 1
 
     # ----------------------------------------------------------------------------------------- loop
 
     def steps(self) -> Iterator[tuple[list[tuple[_Row, list[int]]], list[tuple[_Row, int]]]]:
-        """Yields (new thinker tokens per row, new codes) once per lockstep iteration."""
+        """Yields (new thinker tokens per row, new codes) once per lockstep iteration, as they are read back."""
         before = {r.index: 0 for r in self.rows}
         self.thinker_prefill()
-        yield self._new_tokens(before), []
-        while any(r.thinker_active for r in self.rows) or any(
-                r.talker_active or (r.talker_waiting and (r.reply or r.thinker_done)) for r in self.rows):
-            if any(r.thinker_active for r in self.rows):
+        while True:
+            if any(self._thinker_feedable(r) for r in self.rows) or self.thinker_reads:
                 self.thinker_step()
                 self.mark("first_token")
-            codes = []
+            launched = 0
             if self.cfg.return_audio:
-                codes = self.talker_step() + self.talker_prefill()
+                launched = self.talker_step() + self.talker_prefill()
+            codes = self._read_codes(keep=launched)
             yield self._new_tokens(before), codes
+            if not (self.thinker_reads or self.talker_reads or any(self._thinker_feedable(r) for r in self.rows)
+                    or any(r.talker_active or (r.talker_waiting and (r.reply or r.thinker_done))
+                           for r in self.rows)):
+                break
 
     def _new_tokens(self, before: dict[int, int]) -> list[tuple[_Row, list[int]]]:
         out = []

@@ -170,3 +170,128 @@ def test_bad_generation_inputs(models, tmp_path):
     mute.speakers = {}
     with pytest.raises(ValueError, match="spk_dict.pt"):
         mute.generate(**inputs)
+
+
+def _first_new_token(ids: list[int], seen_before: list[int]) -> int:
+    """The first id of ``ids`` past position 1 that does not occur before it (nor in ``seen_before``)."""
+    for i in range(2, len(ids)):
+        if ids[i] not in ids[:i] and ids[i] not in seen_before:
+            return i
+    pytest.skip("the greedy reply repeats every id: no mid-reply stop id to pick")
+
+
+def test_stop_mid_reply_matches_hf(models):
+    """The reply ends at an end-of-turn id in the middle (not at thinker_max_new_tokens): ours reads each token
+    back one step after feeding it, so the step fed with the stop id must leave no trace in the text, the codes
+    (its reply element) or the cache. HF stops at the same id."""
+    hf, ours = models
+    inputs = _inputs(ours.config)
+    prompt_len = inputs["input_ids"].shape[1]
+    kw = dict(speaker="Chelsie", talker_max_new_tokens=TALKER_NEW, talker_do_sample=False)
+    free = ours.generate(**inputs, thinker_max_new_tokens=12, return_audio=False)
+    reply = free.sequences[0, prompt_len:].tolist()
+    at = _first_new_token(reply, inputs["input_ids"][0].tolist())
+    stop = reply[at]
+    captured = {}
+    original = hf.talker.generate
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        captured["ids"] = result[:, kwargs["input_ids"].shape[1]:]
+        return result
+
+    hf.talker.generate = spy
+    saved = ours.eos_token_ids
+    ours.eos_token_ids = (stop,)
+    try:
+        with torch.no_grad():
+            hf_seq, _ = hf.generate(**inputs, **kw, thinker_max_new_tokens=12, thinker_eos_token_id=stop,
+                                    return_audio=True)
+        out = ours.generate(**inputs, **kw, thinker_max_new_tokens=12, seed=0)
+    finally:
+        hf.talker.generate = original
+        ours.eos_token_ids = saved
+    assert out.sequences[0, prompt_len:].tolist() == reply[:at + 1]
+    assert torch.equal(out.sequences, hf_seq)
+    codec_stop = {ours.config.talker_config.tts_codec_end_token_id, ours.config.talker_config.tts_codec_pad_token_id}
+    hf_ids = captured["ids"][0].tolist()
+    hf_codes = hf_ids[: next((i for i, c in enumerate(hf_ids) if c in codec_stop), len(hf_ids))]
+    n = min(len(hf_codes), len(out.codes[0]))
+    assert n >= at + 2, "the talker must run past the end of the text"
+    assert out.codes[0].tolist()[:n] == hf_codes[:n]
+    _assert_no_blocks_held(ours)
+
+
+def test_codec_stop_mid_speech_truncates(models, monkeypatch):
+    """A stop code read back one step late: the codes are exactly those before it, as if every step synced."""
+    from omni_model import pipeline
+
+    _, ours = models
+    inputs = _inputs(ours.config)
+    kw = dict(speaker="Ethan", thinker_max_new_tokens=THINKER_NEW, talker_max_new_tokens=TALKER_NEW,
+              talker_do_sample=False, return_audio=True, seed=0)
+    free = ours.generate(**inputs, **kw).codes[0].tolist()
+    at = _first_new_token(free, [])
+    original = pipeline._Generation.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.codec_stop = self.codec_stop | {free[at]}
+
+    monkeypatch.setattr(pipeline._Generation, "__init__", init)
+    out = ours.generate(**inputs, **kw)
+    assert out.codes[0].tolist() == free[:at]
+    assert len(out.audio[0]) > 0
+    _assert_no_blocks_held(ours)
+
+
+def test_steps_read_tokens_back_one_step_late(models, monkeypatch):
+    """No step waits for its own sample: every token is read back only after the next step was launched."""
+    from omni_model import pipeline
+
+    _, ours = models
+    inputs = _inputs(ours.config)
+    log = []
+    engine = pipeline.engine_for(ours)
+    decode = engine.thinker.decode
+
+    def logged_decode(*args, **kwargs):
+        log.append("decode")
+        return decode(*args, **kwargs)
+
+    values = pipeline._Readback.values
+
+    def logged_values(self):
+        log.append("read")
+        return values(self)
+
+    monkeypatch.setattr(engine.thinker, "decode", logged_decode)
+    monkeypatch.setattr(pipeline._Readback, "values", logged_values)
+    ours.generate(**inputs, thinker_max_new_tokens=5, return_audio=False)
+    # prefill sample, then decode 1 .. 4: each read comes after the launch of the step fed by the token read.
+    assert log == ["decode", "read"] * 4 + ["read"], log
+
+
+def test_full_cache_fails_only_the_overflowing_row(models):
+    """Two rows share a thinker cache too small for both replies: the longer prompt runs out mid-reply and fails
+    with a clear error; the other row's reply is the one it gets alone; every block comes back."""
+    from omni_model import pipeline
+
+    _, ours = models
+    long_ids, short_ids = list(range(20, 52)), [11, 12, 13]  # 32 and 3 tokens
+    new = 6
+    saved = getattr(ours, "_engine", None)
+    alone = ours.generate(input_ids=torch.tensor([short_ids]), thinker_max_new_tokens=new, return_audio=False)
+    # Blocks of 4: the short row needs 3 (9 tokens), the long prompt 8 and then one more after 4 reply tokens.
+    engine = pipeline.Engine(ours, max_tokens=4 * 11, block_size=4)
+    object.__setattr__(ours, "_engine", engine)
+    try:
+        batch = dict(input_ids=torch.tensor([long_ids, [0] * 29 + short_ids]),
+                     attention_mask=torch.tensor([[1] * 32, [0] * 29 + [1] * 3]))
+        out = ours.generate(**batch, thinker_max_new_tokens=new, return_audio=False)
+        assert out.errors[0] is not None and "KV cache full" in out.errors[0]
+        assert out.errors[1] is None
+        assert out.sequences[1, -new:].tolist() == alone.sequences[0, -new:].tolist()
+        _assert_no_blocks_held(ours)
+    finally:
+        object.__setattr__(ours, "_engine", saved)
