@@ -31,6 +31,7 @@ Quality is measured, not assumed: :func:`stream_snr_db` compares streamed audio 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable
@@ -40,8 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omni_model.engine.graphs import GraphCache
+from omni_model.layers.backend import get_backend
 from omni_model.layers.flow_matching import GUIDANCE_EPS, guided, integrate, sway_time_points
-from omni_model.models.dit import check_codes
+from omni_model.models.dit import DiT, check_codes
 from omni_model.models.token2wav import HF_NOISE_FRAMES, Token2Wav
 
 
@@ -97,6 +100,30 @@ class ChunkRecord:
     final: bool
 
 
+def graph_cache(token2wav: Token2Wav, *, enabled: bool = True) -> GraphCache:
+    """The CUDA graphs of a Token2Wav's streaming chunks, kept on the model so later utterances replay them (a
+    disabled cache, which runs everything eagerly, when ``enabled`` is False or the model is not on CUDA)."""
+    if not enabled:
+        return GraphCache(token2wav.device, enabled=False)
+    cache = token2wav.__dict__.get("_stream_graphs")
+    if cache is None or cache.device != token2wav.device:
+        cache = GraphCache(token2wav.device)
+        token2wav.__dict__["_stream_graphs"] = cache
+    return cache
+
+
+def _solve(dit: DiT, guidance_scale: float, guide: bool, static: torch.Tensor, x0: torch.Tensor,
+           time_points: torch.Tensor) -> torch.Tensor:
+    """The flow-matching ODE of one window: x0 (1, L, mel) noise -> mel (1, L, mel), ``static`` the window's DiT
+    conditioning (S, L, hidden). Both guidance branches run in each DiT call."""
+
+    def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        v = dit(x, t, static).float()
+        return guided(v[:1], v[1:], guidance_scale) if guide else v
+
+    return integrate(velocity, x0, time_points)
+
+
 def _int_arg(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -123,6 +150,7 @@ class Token2WavStreamer:
         chunk_codes: codes per later chunk, a positive multiple of the DiT block in codes (12 at 7B).
         left_context_codes, right_context_codes: DiT context, multiples of the DiT block in codes (>= 0).
         vocoder_context_frames: mel frames of vocoder context on each side (>= 0).
+        cuda_graphs: on CUDA, replay each chunk's DiT solve and vocoder from CUDA graphs (see :func:`graph_cache`).
 
     ``push(codes)`` and ``finish()`` return the new audio as a list of 1-D float32 arrays (possibly empty).
     ``chunks`` holds a :class:`ChunkRecord` per emitted chunk and ``stage_times`` the totals.
@@ -132,7 +160,7 @@ class Token2WavStreamer:
                  noise: torch.Tensor | None = None, *, num_steps: int = 10, guidance_scale: float = 0.5,
                  sway_coefficient: float | None = -1.0, first_chunk_codes: int | None = None, chunk_codes: int = 48,
                  left_context_codes: int = 24, right_context_codes: int = 12, vocoder_context_frames: int = 20,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, cuda_graphs: bool = True):
         self.token2wav = token2wav
         dit = token2wav.dit
         self.repeats = dit.repeats
@@ -173,6 +201,7 @@ class Token2WavStreamer:
         self.max_codes = noise.shape[1] // self.repeats
 
         self.time_points = sway_time_points(self.num_steps, sway_coefficient, device)
+        self._graphs = graph_cache(token2wav, enabled=cuda_graphs)
         self._init_speaker(cond.to(device), ref_mel.to(device))
 
         self._codes: list[int] = []
@@ -284,16 +313,17 @@ class Token2WavStreamer:
         r, dit = self.repeats, self.token2wav.dit
         lo, hi = self._window(start, end, len(self._codes))
         t0 = time.perf_counter()
+        # Window shapes of all but the last chunk are fixed by the settings: those replay CUDA graphs (captured on
+        # first use, kept on the model for later utterances); the last chunk's odd shape runs eagerly.
+        graphed = not final
         with self.token2wav.math_mode():
             codes = torch.tensor([self._codes[lo:hi]], dtype=torch.long, device=self.device)
             static = self.conditioning(codes)
             x0 = self.noise[:, lo * r:hi * r]  # the full run's noise at these absolute frames
-
-            def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-                v = dit(x, t, static).float()
-                return guided(v[:1], v[1:], self.guidance_scale) if self.guide else v
-
-            mel = integrate(velocity, x0, self.time_points).transpose(1, 2)  # (1, mel, repeats * (hi - lo))
+            solve = functools.partial(_solve, dit, self.guidance_scale, self.guide)
+            key = ("dit", self.guidance_scale, self.guide, dit.allow_tf32, get_backend())
+            mel = self._graphs(key, solve, static, x0, self.time_points, capture_new=graphed)
+            mel = mel.transpose(1, 2)  # (1, mel, repeats * (hi - lo))
         self._sync()
         t1 = time.perf_counter()
 
@@ -301,7 +331,8 @@ class Token2WavStreamer:
         keep = mel[:, :, (start - lo) * r:(end - lo) * r]
         right = mel[:, :, (end - lo) * r:(end - lo) * r + ctx]  # provisional mel of the right-context codes
         left = self._mel_tail
-        wav = self.token2wav.vocode(torch.cat([left, keep, right], dim=-1))
+        wav = self._graphs(("vocoder", get_backend()), self.token2wav.vocode, torch.cat([left, keep, right], dim=-1),
+                           capture_new=graphed)
         new = wav[0, left.shape[-1] * self.hop:(left.shape[-1] + keep.shape[-1]) * self.hop]
         samples = new.cpu().numpy().astype(np.float32, copy=False)
         t2 = time.perf_counter()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from omni_model.engine.block_manager import BlockManager, CacheFullError, SeqBlocks
+from omni_model.engine.graphs import capture
 from omni_model.engine.kv_cache import KVCache
 from omni_model.layers.context import AttentionMetadata, attention_context
 
@@ -37,7 +38,7 @@ class RunnerConfig:
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None
     batch: int
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -200,18 +201,10 @@ class DecoderRunner:
             cu_seqlens_q=None,
             max_seqlen_q=1,
         )
-        g = _Graph(torch.cuda.CUDAGraph(), bucket, torch.zeros(bucket, hidden, dtype=self.dtype, device=dev),
+        g = _Graph(None, bucket, torch.zeros(bucket, hidden, dtype=self.dtype, device=dev),
                    torch.zeros(3, bucket, dtype=torch.int64, device=dev), meta)
         with attention_context(meta):
-            # Warm-up on a side stream (lazy initialisation, autotuning) before capture.
-            s = torch.cuda.Stream(dev)
-            s.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self.decoder(g.embeds, g.positions)
-            torch.cuda.current_stream(dev).wait_stream(s)
-            with torch.cuda.graph(g.graph, pool=self._graph_pool):
-                g.out = self.decoder(g.embeds, g.positions)
+            g.graph, g.out = capture(lambda: self.decoder(g.embeds, g.positions), dev, self._graph_pool, warmup=2)
         if self._graph_pool is None:
             self._graph_pool = g.graph.pool()
         return g

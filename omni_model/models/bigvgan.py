@@ -27,9 +27,22 @@ MIN_DB = -115.0
 REF_DB = 20.0
 
 
+_FLOORS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _floor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """HF's amplitude floor exp(-115 / 20 * ln 10) as a 0-d tensor, made on the first call per dtype and device (a
+    host-to-device copy, which a CUDA graph capture must not contain: the capture's warm-up makes it)."""
+    floor = _FLOORS.get((dtype, device))
+    if floor is None:
+        floor = torch.exp(torch.tensor(MIN_DB / 20.0 * math.log(10.0), dtype=dtype, device=device))
+        _FLOORS[(dtype, device)] = floor
+    return floor
+
+
 def normalize_mel(mel: torch.Tensor) -> torch.Tensor:
     """Natural-log amplitude mel -> [-1, 1]: 20 log10(max(exp(mel), 10^(-115/20))) - 20, mapped from [-115, 0] dB."""
-    floor = torch.exp(torch.tensor(MIN_DB / 20.0 * math.log(10.0), dtype=mel.dtype, device=mel.device))
+    floor = _floor(mel.dtype, mel.device)
     db = 20 * torch.log10(torch.clamp(torch.exp(mel), min=floor)) - REF_DB
     return torch.clamp(2.0 * ((db - MIN_DB) / -MIN_DB) - 1.0, -1.0, 1.0)
 
