@@ -49,10 +49,16 @@ def smart_resize(height: int, width: int, factor: int = PATCH * MERGE, min_pixel
     return h, w
 
 
+def vision_grid(height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid of ``frames`` frames of height x width, as the processor resizes and patches them
+    (also used by bench_vision_encoder, so both benches run the same inputs)."""
+    h, w = smart_resize(height, width)
+    return max(1, frames // TEMPORAL_PATCH), h // PATCH, w // PATCH
+
+
 def vision_segments(height: int, width: int, frames: int = 1) -> tuple[list[int], list[int]]:
     """(window layer segments, full layer segments) in patches for ``frames`` frames of height x width."""
-    h, w = smart_resize(height, width)
-    grid_t, grid_h, grid_w = max(1, frames // TEMPORAL_PATCH), h // PATCH, w // PATCH
+    grid_t, grid_h, grid_w = vision_grid(height, width, frames)
     mh, mw, win = grid_h // MERGE, grid_w // MERGE, WINDOW_PX // PATCH // MERGE
     windows = [min(win, mh - r) * min(win, mw - c) * MERGE * MERGE for r in range(0, mh, win)
                for c in range(0, mw, win)]
