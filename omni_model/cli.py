@@ -30,6 +30,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("omni bench: running the small CPU suite (timings are CPU wall clock, not GPU numbers)"
               if torch.device(device).type != "cuda" else "omni bench: --quick: reduced shapes")
     records, failures = [], []
+    with _compile_limits():
+        _run_benches(args, suites, device, quick, records, failures)
+    if args.json:
+        write_records(records, args.json)
+        print(f"omni bench: wrote {len(records)} records to {args.json}")
+    return 1 if failures else 0
+
+
+def _compile_limits():
+    """Benches compile one reference over many shapes on purpose: past dynamo's recompile limit (8) a
+    ``torch.compile`` provider would silently time eager code. Raise the limit, and make a hit an error."""
+    import torch._dynamo.config as dynamo
+
+    limits = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
+    return dynamo.patch({k: v for k, v in limits.items() if hasattr(dynamo, k)})
+
+
+def _run_benches(args, suites, device, quick, records, failures) -> None:
+    from omni_benchmarks import SUITES
+    from omni_kernels.testing import write_records
+
     for suite in suites:
         for name in SUITES[suite]:
             if args.only and name.removeprefix("bench_") not in args.only and name not in args.only:
@@ -52,11 +73,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     f" {k}={d[k]:.1f}" for k in ("gbps", "tflops") if d.get(k) is not None
                 ) + (f" x{d['speedup']:.2f} vs {d['baseline']}" if d.get("speedup") else "")
                 p50 = f"{d['ms_p50']:.4f} ms" if d.get("ms_p50") is not None else "-"
-                print(f"    {d['provider']:>14} | {d['shape']:<44} | {p50}{extra}")
-    if args.json:
-        write_records(records, args.json)
-        print(f"omni bench: wrote {len(records)} records to {args.json}")
-    return 1 if failures else 0
+                if d.get("error"):  # a provider that failed says why
+                    extra += f" error: {str(d['error']).splitlines()[0][:160]}"
+                dtype = str(d.get("dtype", "")).removeprefix("torch.")
+                print(f"    {d['provider']:>14} | {dtype:>8} | {d['shape']:<44} | {p50}{extra}")
 
 
 # ----------------------------------------------------------------------------------------------- demo / run
