@@ -292,22 +292,21 @@ def _pick_median(runs: list[Run]) -> Run:
 
 
 @contextlib.contextmanager
-def record_chunks(log: list[tuple[float, float, object]]) -> Iterator[None]:
-    """Records (start, end, ChunkRecord) with host clocks for every Token2Wav chunk the stream runs: the pipeline
-    imports ``Token2WavStreamer`` from :mod:`omni_model.streaming` per call, so a subclass put there for the call
-    sees every chunk (if the pipeline stops importing it that way, ``chunks`` just stays empty)."""
+def record_chunks(streamers: list) -> Iterator[None]:
+    """Collects every Token2Wav streamer the stream makes (their ``chunks`` carry host clocks of when each chunk was
+    queued and when its audio was handed out): the pipeline imports ``Token2WavStreamer`` from
+    :mod:`omni_model.streaming` per call, so a subclass put there for the call sees every streamer (if the pipeline
+    stops importing it that way, ``chunks`` just stays empty)."""
     import omni_model.streaming as streaming
 
     base = streaming.Token2WavStreamer
 
-    class Timed(base):
-        def _run_chunk(self, start, end, *, final):
-            t = time.perf_counter()
-            out = super()._run_chunk(start, end, final=final)
-            log.append((t, time.perf_counter(), self.chunks[-1]))
-            return out
+    class Recorded(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            streamers.append(self)
 
-    streaming.Token2WavStreamer = Timed
+    streaming.Token2WavStreamer = Recorded
     try:
         yield
     finally:
@@ -316,12 +315,12 @@ def record_chunks(log: list[tuple[float, float, object]]) -> Iterator[None]:
 
 def stream_once(model, inputs: dict, options: dict, device: torch.device) -> Run:
     """One ``model.stream`` of the request; clocks start at the call."""
-    log: list = []
+    streamers: list = []
     samples = 0
     text: list[int] = []
     ttfa = None
     times: dict[str, float] = {}
-    with Memory(device) as mem, record_chunks(log):
+    with Memory(device) as mem, record_chunks(streamers):
         t0 = time.perf_counter()
         for event in model.stream(**inputs, **options):
             if event.audio.size:
@@ -333,9 +332,10 @@ def stream_once(model, inputs: dict, options: dict, device: torch.device) -> Run
         total = (time.perf_counter() - t0) * 1e3
     if ttfa is None:
         raise RuntimeError(f"the stream produced no audio ({len(text)} text ids)")
-    chunks = [dict(codes=[c.start, c.end], start_ms=(a - t0) * 1e3, end_ms=(b - t0) * 1e3, dit_ms=c.dit_ms,
-                   vocoder_ms=c.vocoder_ms) for a, b, c in log]
-    codes = log[-1][2].end if log else None  # None: the chunk hook saw nothing (see record_chunks)
+    log = [c for s in streamers for c in s.chunks]
+    chunks = [dict(codes=[c.start, c.end], start_ms=(c.launched_s - t0) * 1e3, end_ms=(c.ready_s - t0) * 1e3,
+                   dit_ms=c.dit_ms, vocoder_ms=c.vocoder_ms) for c in log]
+    codes = log[-1].end if log else None  # None: the chunk hook saw nothing (see record_chunks)
     stage = dict(times)
     stage.setdefault("done", total - (ttfa - stage.get("first_audio", ttfa)))
     return Run(ttfa_ms=ttfa, total_ms=total, audio_s=samples / SAMPLE_RATE, text_tokens=len(text), codes=codes,

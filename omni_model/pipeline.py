@@ -701,4 +701,7 @@ def stream(model: OmniModel, **kwargs) -> Iterator[StreamEvent]:
             for r in gen.rows:  # a last, empty event per row carries the complete timings
                 yield StreamEvent(text_ids=[], audio=empty, stage_times=times(r.index), row=r.index)
         finally:
+            for r in gen.rows:  # a stream closed early: no chunk may still be running on Token2Wav's stream
+                if r.streamer is not None:
+                    r.streamer.close()
             gen.release()

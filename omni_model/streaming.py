@@ -31,6 +31,7 @@ Quality is measured, not assumed: :func:`stream_snr_db` compares streamed audio 
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import time
@@ -85,7 +86,8 @@ def stream_audio(token2wav: Token2Wav, codes: torch.Tensor | Iterable[int], cond
 @dataclass
 class ChunkRecord:
     """One emitted chunk: codes ``[start, end)``, the DiT window ``[dit_lo, dit_hi)`` (codes), the vocoder window
-    ``[voc_lo, voc_hi)`` (absolute mel frames), the samples emitted and the wall time of each stage."""
+    ``[voc_lo, voc_hi)`` (absolute mel frames), the samples emitted and the time of each stage (on CUDA the GPU time
+    between events on Token2Wav's stream, elsewhere wall time)."""
 
     index: int
     start: int
@@ -98,6 +100,15 @@ class ChunkRecord:
     dit_ms: float
     vocoder_ms: float
     final: bool
+    launched_s: float = 0.0  # host clock (time.perf_counter) when the chunk was queued
+    ready_s: float = 0.0  # and when its audio was handed out
+
+
+@dataclass
+class _Pending:
+    record: ChunkRecord
+    samples: torch.Tensor  # (n,) float32 on the host (pinned on CUDA, filled when marks[2] has passed)
+    marks: list | None  # CUDA events: start, DiT done, samples copied (None on CPU: already done)
 
 
 def graph_cache(token2wav: Token2Wav, *, enabled: bool = True) -> GraphCache:
@@ -110,6 +121,15 @@ def graph_cache(token2wav: Token2Wav, *, enabled: bool = True) -> GraphCache:
         cache = GraphCache(token2wav.device)
         token2wav.__dict__["_stream_graphs"] = cache
     return cache
+
+
+def token2wav_stream(token2wav: Token2Wav) -> torch.cuda.Stream:
+    """Token2Wav's own CUDA stream (one per model, made on first use): chunks run beside the decoders' steps."""
+    stream = token2wav.__dict__.get("_stream")
+    if stream is None or stream.device != token2wav.device:
+        stream = torch.cuda.Stream(token2wav.device)
+        token2wav.__dict__["_stream"] = stream
+    return stream
 
 
 def _solve(dit: DiT, guidance_scale: float, guide: bool, static: torch.Tensor, x0: torch.Tensor,
@@ -205,7 +225,10 @@ class Token2WavStreamer:
         self._init_speaker(cond.to(device), ref_mel.to(device))
 
         self._codes: list[int] = []
-        self._next = 0  # first code not yet emitted
+        self._next = 0  # first code not yet queued
+        self._launched = 0
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._stream = token2wav_stream(token2wav) if device.type == "cuda" else None
         self._mel_tail = torch.zeros(1, mel_dim, 0, device=device)  # final mel before _next (vocoder left context)
         self._finished = False
         self.samples_emitted = 0
@@ -269,7 +292,9 @@ class Token2WavStreamer:
     # -- public -------------------------------------------------------------------------------------------------
 
     def push(self, codes: Iterable[int] | torch.Tensor | np.ndarray) -> list[np.ndarray]:
-        """Appends codes (a 1-D sequence of ints) and returns the audio of every chunk that became ready."""
+        """Appends codes (a 1-D sequence of ints), starts every chunk that became ready and returns the audio of the
+        chunks that have finished (on CUDA a chunk runs on Token2Wav's own stream while the caller goes on: its audio
+        comes out of a later ``push`` or ``finish``, always in order)."""
         if self._finished:
             raise RuntimeError("push after finish(): make a new Token2WavStreamer for the next utterance")
         if isinstance(codes, torch.Tensor):
@@ -278,7 +303,7 @@ class Token2WavStreamer:
         if new.dim() > 1:
             raise ValueError(f"codes must be a 1-D sequence of ints, got shape {tuple(new.shape)}")
         if new.numel() == 0:
-            return []
+            return self._collect(wait=False)
         if new.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"codes must be ints, got {new.dtype}")
         check_codes(new, self.token2wav.dit.num_embeds)
@@ -286,45 +311,74 @@ class Token2WavStreamer:
             raise ValueError(f"noise has {self.noise.shape[1]} frames: enough for {self.max_codes} codes, got "
                              f"{len(self._codes) + new.numel()}; pass a longer noise tensor")
         self._codes.extend(new.tolist())
-        out = []
         while True:
             end = self._chunk_end(self._next)
             if end + self.right_context_codes > len(self._codes):
-                return out
-            out.append(self._run_chunk(self._next, end, final=False))
+                return self._collect(wait=False)
+            self._launch_chunk(self._next, end, final=False)
 
     def finish(self) -> list[np.ndarray]:
-        """Flushes the codes not yet emitted as one last chunk (no right context); later calls return []."""
+        """Flushes the codes not yet emitted as one last chunk (no right context) and waits for every chunk;
+        returns their audio. Later calls return []."""
         if self._finished:
             return []
         self._finished = True
-        if self._next >= len(self._codes):
-            return []
-        return [self._run_chunk(self._next, len(self._codes), final=True)]
+        if self._next < len(self._codes):
+            self._launch_chunk(self._next, len(self._codes), final=True)
+        return self._collect(wait=True)
+
+    def close(self) -> None:
+        """Waits for the chunks in flight and drops their audio (a stream closed early)."""
+        self._finished = True
+        self._collect(wait=True)
 
     # -- one chunk ----------------------------------------------------------------------------------------------
 
-    def _sync(self) -> None:
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            return t.pin_memory().to(self.device, non_blocking=True)  # a pageable copy would wait for the stream
+        return t.to(self.device)
 
     @torch.no_grad()
-    def _run_chunk(self, start: int, end: int, *, final: bool) -> np.ndarray:
-        r, dit = self.repeats, self.token2wav.dit
+    def _launch_chunk(self, start: int, end: int, *, final: bool) -> None:
+        """Queues the DiT solve of the chunk's window, the vocoder and the copy of its samples to the host."""
         lo, hi = self._window(start, end, len(self._codes))
-        t0 = time.perf_counter()
+        record = ChunkRecord(index=self._launched, start=start, end=end, dit_lo=lo, dit_hi=hi, voc_lo=0, voc_hi=0,
+                             samples=0, dit_ms=0.0, vocoder_ms=0.0, final=final, launched_s=time.perf_counter())
+        self._launched += 1
+        if self._stream is None:
+            samples, t1 = self._chunk(record)
+            record.dit_ms, record.vocoder_ms = (t1 - record.launched_s) * 1e3, (time.perf_counter() - t1) * 1e3
+            self._pending.append(_Pending(record, samples, None))
+            return
+        # Token2Wav's stream starts after what the caller queued so far (the noise and speaker tensors were made on
+        # the caller's stream) and then runs beside it: decode steps go on while the chunk's ~40 DiT passes run.
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            marks[0].record()
+            samples, _ = self._chunk(record, marks[1])
+            marks[2].record()
+        self._pending.append(_Pending(record, samples, marks))
+
+    def _chunk(self, record: ChunkRecord, dit_done: torch.cuda.Event | None = None) -> tuple[torch.Tensor, float]:
+        """The chunk's work on the current stream; returns (samples on the host, pinned on CUDA; the host clock
+        after the DiT, which on CPU is when it finished)."""
+        r, dit = self.repeats, self.token2wav.dit
+        start, end, lo, hi = record.start, record.end, record.dit_lo, record.dit_hi
         # Window shapes of all but the last chunk are fixed by the settings: those replay CUDA graphs (captured on
         # first use, kept on the model for later utterances); the last chunk's odd shape runs eagerly.
-        graphed = not final
+        graphed = not record.final
         with self.token2wav.math_mode():
-            codes = torch.tensor([self._codes[lo:hi]], dtype=torch.long, device=self.device)
-            static = self.conditioning(codes)
+            static = self.conditioning(self._to_device(self._codes[lo:hi])[None])
             x0 = self.noise[:, lo * r:hi * r]  # the full run's noise at these absolute frames
             solve = functools.partial(_solve, dit, self.guidance_scale, self.guide)
             key = ("dit", self.guidance_scale, self.guide, dit.allow_tf32, get_backend())
             mel = self._graphs(key, solve, static, x0, self.time_points, capture_new=graphed)
             mel = mel.transpose(1, 2)  # (1, mel, repeats * (hi - lo))
-        self._sync()
+        if dit_done is not None:
+            dit_done.record()
         t1 = time.perf_counter()
 
         ctx = self.vocoder_context_frames
@@ -333,20 +387,37 @@ class Token2WavStreamer:
         left = self._mel_tail
         wav = self._graphs(("vocoder", get_backend()), self.token2wav.vocode, torch.cat([left, keep, right], dim=-1),
                            capture_new=graphed)
-        new = wav[0, left.shape[-1] * self.hop:(left.shape[-1] + keep.shape[-1]) * self.hop]
-        samples = new.cpu().numpy().astype(np.float32, copy=False)
-        t2 = time.perf_counter()
-
         frames = left.shape[-1] + keep.shape[-1] + right.shape[-1]
         if wav.shape[-1] != frames * self.hop:  # every sample exactly once needs exactly hop samples per frame
             raise RuntimeError(f"vocoder returned {wav.shape[-1]} samples for {frames} mel frames, expected "
                                f"{self.hop} per frame")
+        new = wav[0, left.shape[-1] * self.hop:(left.shape[-1] + keep.shape[-1]) * self.hop]
+        if new.device.type == "cuda":
+            samples = torch.empty(new.shape, dtype=torch.float32, pin_memory=True)
+            samples.copy_(new, non_blocking=True)
+        else:
+            samples = new.float()
         tail = torch.cat([left, keep], dim=-1)
         self._mel_tail = tail[:, :, max(0, tail.shape[-1] - ctx):]
-        self.chunks.append(ChunkRecord(
-            index=len(self.chunks), start=start, end=end, dit_lo=lo, dit_hi=hi,
-            voc_lo=start * r - left.shape[-1], voc_hi=end * r + right.shape[-1], samples=samples.shape[0],
-            dit_ms=(t1 - t0) * 1e3, vocoder_ms=(t2 - t1) * 1e3, final=final))
         self._next = end
-        self.samples_emitted += samples.shape[0]
-        return samples
+        record.voc_lo, record.voc_hi = start * r - left.shape[-1], end * r + right.shape[-1]
+        record.samples = samples.shape[0]
+        return samples, t1
+
+    def _collect(self, *, wait: bool) -> list[np.ndarray]:
+        """The audio of the finished chunks at the head of the queue (all of them with ``wait``), in order."""
+        out = []
+        while self._pending:
+            chunk = self._pending[0]
+            if chunk.marks is not None:
+                if not wait and not chunk.marks[2].query():
+                    break
+                chunk.marks[2].synchronize()
+                chunk.record.dit_ms = chunk.marks[0].elapsed_time(chunk.marks[1])
+                chunk.record.vocoder_ms = chunk.marks[1].elapsed_time(chunk.marks[2])
+            self._pending.popleft()
+            chunk.record.ready_s = time.perf_counter()
+            self.chunks.append(chunk.record)
+            self.samples_emitted += chunk.record.samples
+            out.append(chunk.samples.numpy())
+        return out

@@ -211,3 +211,28 @@ def test_bad_arguments(setup):
     streamer.finish()
     with pytest.raises(RuntimeError, match="finish"):
         streamer.push([1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_async_chunks_on_cuda(setup):
+    """On CUDA chunks run on Token2Wav's own stream and their audio comes out of a later push or finish: pushed one
+    code at a time, every sample still comes out once and in order, equal to one push of all codes, and close()
+    leaves nothing running."""
+    model, codes, cond, ref_mel, noise, full = setup
+    model = model.cuda()
+    try:
+        at_once, _ = _stream_all(model, codes, cond, ref_mel, noise)
+        streamer = Token2WavStreamer(model, cond, ref_mel, noise)
+        pieces = [a for code in codes[0].tolist() for a in streamer.push([code])]
+        pieces += streamer.finish()
+        np.testing.assert_array_equal(np.concatenate(pieces), at_once)
+        assert [c.index for c in streamer.chunks] == list(range(len(streamer.chunks)))
+        assert all(c.dit_ms > 0 and c.vocoder_ms > 0 and c.ready_s >= c.launched_s for c in streamer.chunks)
+        assert stream_snr_db(full, at_once) > 40.0
+        early = Token2WavStreamer(model, cond, ref_mel, noise)
+        early.push(codes[0, :100].tolist())
+        early.close()
+        assert not early._pending
+    finally:
+        model.cpu()
