@@ -37,6 +37,10 @@ void sliding_block_attention(const TensorRef& q, const TensorRef& k, const Tenso
 void anti_aliased_snake(const TensorRef& x, const TensorRef& alpha, const TensorRef& beta,
                         const TensorRef& up_filter, const TensorRef& down_filter, const TensorRef& out,
                         std::uintptr_t stream);
+void add_rms_norm(const TensorRef& x, const std::optional<TensorRef>& residual, const TensorRef& weight,
+                  const TensorRef& normed, const std::optional<TensorRef>& new_residual, double eps,
+                  std::uintptr_t stream);
+void silu_and_mul(const TensorRef& gate_up, const TensorRef& out, std::uintptr_t stream);
 
 void ensure_device() {
   static std::once_flag once;
@@ -118,5 +122,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), py::arg("allow_tf32"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("anti_aliased_snake", &omni::anti_aliased_snake, py::arg("x"), py::arg("alpha"), py::arg("beta"),
         py::arg("up_filter"), py::arg("down_filter"), py::arg("out"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &omni::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"),
+        py::arg("normed"), py::arg("new_residual"), py::arg("eps"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_and_mul", &omni::silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 }
