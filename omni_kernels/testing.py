@@ -313,6 +313,21 @@ def write_records(records: list[Record | dict], path: str) -> None:
         json.dump(rows, f, indent=1)
 
 
+def backend_params(op: str) -> list:
+    """The (backend, device) pytest params of an op's tests: torch and Triton on CPU, then torch, Triton and CUDA
+    on a GPU (marked ``gpu``); each skips cleanly where this machine cannot run it."""
+    import pytest
+
+    cases = [("torch", "cpu"), ("triton", "cpu"), ("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
+    params = []
+    for backend, device in cases:
+        marks = [] if (backend, device) == ("torch", "cpu") else [skip_unless_backend(op, backend, device)]
+        if device == "cuda":
+            marks.insert(0, pytest.mark.gpu)
+        params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return params
+
+
 def skip_unless_backend(op: str, backend: str, device: str):
     """A pytest skip marker for a backend that this machine cannot run."""
     import pytest

@@ -5,17 +5,10 @@ import pytest
 import torch
 
 from omni_kernels import add_rms_norm, add_rms_norm_ref, available
-from omni_kernels.testing import assert_close, assert_close_to_oracle, skip_unless_backend
+from omni_kernels.testing import assert_close, assert_close_to_oracle, backend_params
 
 OP = "add_rms_norm"
-BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("triton", "cpu", id="triton-cpu", marks=skip_unless_backend(OP, "triton", "cpu")),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "torch", "cuda")]),
-    pytest.param("triton", "cuda", id="triton-cuda",
-                 marks=[pytest.mark.gpu, skip_unless_backend(OP, "triton", "cuda")]),
-    pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "cuda", "cuda")]),
-]
+BACKENDS = backend_params(OP)
 GPU_BACKENDS = [p for p in BACKENDS if p.values[1] == "cuda"]
 TRITON_BACKENDS = [p for p in BACKENDS if p.values[0] == "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

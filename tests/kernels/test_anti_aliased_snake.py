@@ -3,17 +3,10 @@ import torch
 
 from omni_kernels import anti_aliased_snake, anti_aliased_snake_ref, available
 from omni_kernels.anti_aliased_snake import kaiser_sinc_filter
-from omni_kernels.testing import assert_close, skip_unless_backend
+from omni_kernels.testing import assert_close, backend_params
 
 OP = "anti_aliased_snake"
-BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("triton", "cpu", id="triton-cpu", marks=skip_unless_backend(OP, "triton", "cpu")),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "torch", "cuda")]),
-    pytest.param("triton", "cuda", id="triton-cuda",
-                 marks=[pytest.mark.gpu, skip_unless_backend(OP, "triton", "cuda")]),
-    pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "cuda", "cuda")]),
-]
+BACKENDS = backend_params(OP)
 GPU_BACKENDS = [p for p in BACKENDS if p.values[1] == "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -10,17 +10,10 @@ from omni_kernels.paged_decode_attention import (
     _paged_decode_attention_triton,
     decode_partition,
 )
-from omni_kernels.testing import assert_close_to_oracle, skip_unless_backend
+from omni_kernels.testing import assert_close_to_oracle, backend_params
 
 OP = "paged_decode_attention"
-BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("triton", "cpu", id="triton-cpu", marks=skip_unless_backend(OP, "triton", "cpu")),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "torch", "cuda")]),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.gpu,
-                                                            skip_unless_backend(OP, "triton", "cuda")]),
-    pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "cuda", "cuda")]),
-]
+BACKENDS = backend_params(OP)
 SPLIT_BACKENDS = [p for p in BACKENDS if p.values[0] != "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

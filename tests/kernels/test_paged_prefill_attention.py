@@ -4,17 +4,10 @@ import torch.nn.functional as F
 
 from omni_kernels import paged_decode_attention_ref, paged_prefill_attention, paged_prefill_attention_ref
 from omni_kernels.paged_decode_attention import CUDA_HEAD_DIMS
-from omni_kernels.testing import assert_close_to_oracle, skip_unless_backend
+from omni_kernels.testing import assert_close_to_oracle, backend_params
 
 OP = "paged_prefill_attention"
-BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("triton", "cpu", id="triton-cpu", marks=skip_unless_backend(OP, "triton", "cpu")),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "torch", "cuda")]),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.gpu,
-                                                            skip_unless_backend(OP, "triton", "cuda")]),
-    pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "cuda", "cuda")]),
-]
+BACKENDS = backend_params(OP)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

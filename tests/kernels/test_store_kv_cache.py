@@ -2,18 +2,9 @@ import pytest
 import torch
 
 from omni_kernels import store_kv_cache, store_kv_cache_ref
-from omni_kernels.testing import skip_unless_backend
+from omni_kernels.testing import backend_params
 
-BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("triton", "cpu", id="triton-cpu", marks=skip_unless_backend("store_kv_cache", "triton", "cpu")),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.gpu,
-                                                          skip_unless_backend("store_kv_cache", "torch", "cuda")]),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.gpu,
-                                                            skip_unless_backend("store_kv_cache", "triton", "cuda")]),
-    pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.gpu,
-                                                        skip_unless_backend("store_kv_cache", "cuda", "cuda")]),
-]
+BACKENDS = backend_params("store_kv_cache")
 
 
 def _case(num_tokens, num_heads, head_dim, num_blocks, page, dtype, device, *, fused=True, skip_some=True, seed=0):

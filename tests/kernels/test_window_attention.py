@@ -4,18 +4,11 @@ import pytest
 import torch
 
 from omni_kernels import available, window_attention, window_attention_ref
-from omni_kernels.testing import assert_close_to_oracle, skip_unless_backend
+from omni_kernels.testing import assert_close_to_oracle, backend_params
 from omni_kernels.window_attention import SDPA_MIN_SEQLEN, routes_to_sdpa, window_attention_sdpa
 
 OP = "window_attention"
-BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("triton", "cpu", id="triton-cpu", marks=skip_unless_backend(OP, "triton", "cpu")),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "torch", "cuda")]),
-    pytest.param("triton", "cuda", id="triton-cuda",
-                 marks=[pytest.mark.gpu, skip_unless_backend(OP, "triton", "cuda")]),
-    pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.gpu, skip_unless_backend(OP, "cuda", "cuda")]),
-]
+BACKENDS = backend_params(OP)
 GPU_BACKENDS = [p for p in BACKENDS if p.values[1] == "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
