@@ -40,6 +40,27 @@ def _inputs(config, with_image=False):
     return inputs
 
 
+def _hf_generate_codes(hf, config, inputs, **kwargs) -> tuple[torch.Tensor, list[int]]:
+    """HF generate with audio; returns (sequences, the talker's codec ids before its first stop id), the ids read
+    from HF's talker output by hooking its generate."""
+    captured = {}
+    original = hf.talker.generate
+
+    def spy(*args, **kw):
+        result = original(*args, **kw)
+        captured["ids"] = result[:, kw["input_ids"].shape[1]:]
+        return result
+
+    hf.talker.generate = spy
+    try:
+        sequences, _ = hf.generate(**inputs, **kwargs, return_audio=True)
+    finally:
+        hf.talker.generate = original
+    stop = {config.talker_config.tts_codec_end_token_id, config.talker_config.tts_codec_pad_token_id}
+    ids = captured["ids"][0].tolist()
+    return sequences, ids[: next((i for i, c in enumerate(ids) if c in stop), len(ids))]
+
+
 def test_greedy_generate_matches_hf(models):
     hf, ours = models
     inputs = _inputs(ours.config)
@@ -65,25 +86,9 @@ def test_codes_match_hf_talker(models):
     """The codec ids themselves, read from HF's talker output by hooking its generate."""
     hf, ours = models
     inputs = _inputs(ours.config)
-    captured = {}
-    original = hf.talker.generate
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        captured["ids"] = result[:, kwargs["input_ids"].shape[1]:]
-        return result
-
-    hf.talker.generate = spy
-    try:
-        with torch.no_grad():
-            hf.generate(**inputs, speaker="Ethan", thinker_max_new_tokens=THINKER_NEW, talker_max_new_tokens=TALKER_NEW,
-                        talker_do_sample=False, return_audio=True)
-    finally:
-        hf.talker.generate = original
-    hf_ids = captured["ids"][0].tolist()
-    stop = {ours.config.talker_config.tts_codec_end_token_id, ours.config.talker_config.tts_codec_pad_token_id}
-    hf_codes = [c for c in hf_ids if c not in stop][: len(hf_ids)]
-    hf_codes = hf_codes[: next((i for i, c in enumerate(hf_ids) if c in stop), len(hf_ids))]
+    with torch.no_grad():
+        _, hf_codes = _hf_generate_codes(hf, ours.config, inputs, speaker="Ethan", thinker_max_new_tokens=THINKER_NEW,
+                                         talker_max_new_tokens=TALKER_NEW, talker_do_sample=False)
     out = ours.generate(**inputs, speaker="Ethan", thinker_max_new_tokens=THINKER_NEW, talker_max_new_tokens=TALKER_NEW,
                         talker_do_sample=False, return_audio=False)
     assert out.audio is None
@@ -192,30 +197,17 @@ def test_stop_mid_reply_matches_hf(models):
     reply = free.sequences[0, prompt_len:].tolist()
     at = _first_new_token(reply, inputs["input_ids"][0].tolist())
     stop = reply[at]
-    captured = {}
-    original = hf.talker.generate
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        captured["ids"] = result[:, kwargs["input_ids"].shape[1]:]
-        return result
-
-    hf.talker.generate = spy
+    with torch.no_grad():
+        hf_seq, hf_codes = _hf_generate_codes(hf, ours.config, inputs, **kw, thinker_max_new_tokens=12,
+                                              thinker_eos_token_id=stop)
     saved = ours.eos_token_ids
     ours.eos_token_ids = (stop,)
     try:
-        with torch.no_grad():
-            hf_seq, _ = hf.generate(**inputs, **kw, thinker_max_new_tokens=12, thinker_eos_token_id=stop,
-                                    return_audio=True)
         out = ours.generate(**inputs, **kw, thinker_max_new_tokens=12, seed=0)
     finally:
-        hf.talker.generate = original
         ours.eos_token_ids = saved
     assert out.sequences[0, prompt_len:].tolist() == reply[:at + 1]
     assert torch.equal(out.sequences, hf_seq)
-    codec_stop = {ours.config.talker_config.tts_codec_end_token_id, ours.config.talker_config.tts_codec_pad_token_id}
-    hf_ids = captured["ids"][0].tolist()
-    hf_codes = hf_ids[: next((i for i, c in enumerate(hf_ids) if c in codec_stop), len(hf_ids))]
     n = min(len(hf_codes), len(out.codes[0]))
     assert n >= at + 2, "the talker must run past the end of the text"
     assert out.codes[0].tolist()[:n] == hf_codes[:n]
