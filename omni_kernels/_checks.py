@@ -25,26 +25,35 @@ def check_tensor(
     device: torch.device | None = None,
     last_contiguous: bool = True,
 ) -> None:
+    # Runs several times per op call on the eager path: each tensor property is read once, cheapest tests first.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
+    dim = t.dim()
+    if ndim is not None and dim != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if dtypes is not None:
-        dtypes = tuple(dtypes)
+        if not isinstance(dtypes, tuple):
+            dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             raise TypeError(f"{name} must be one of {names}, got {str(t.dtype).removeprefix('torch.')}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device} (all arguments on one device)")
-    if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+    if last_contiguous and dim > 0 and t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
 
 
 def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
     """``shape`` may hold None for a free dim."""
-    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    size = t.shape
+    if len(size) == len(shape):
+        for s, n in zip(shape, size):
+            if s is not None and s != n:
+                break
+        else:
+            return
+    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
 def check_same_dtype(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:

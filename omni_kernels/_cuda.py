@@ -24,6 +24,11 @@ def _dtype_codes():
 
 
 _CODES: dict | None = None
+_TENSOR_REF = None  # _C.TensorRef, bound on first use
+
+# torch's raw current-stream query (what Triton's launcher and Inductor's generated code use): an int, without
+# building a torch.cuda.Stream object per call. Absent from CPU-only builds of torch.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def ext():
@@ -34,11 +39,18 @@ def ext():
 
 
 def ref(t: torch.Tensor):
-    global _CODES
+    """``_C.TensorRef`` of ``t`` (called several times per op call: torch.Size and the stride tuple go to pybind11
+    as they are, no list copies)."""
+    global _CODES, _TENSOR_REF
     if _CODES is None:
+        _TENSOR_REF = ext().TensorRef
         _CODES = _dtype_codes()
-    return ext().TensorRef(t.data_ptr(), _CODES[t.dtype], list(t.shape), list(t.stride()), t.device.index or 0)
+    return _TENSOR_REF(t.data_ptr(), _CODES[t.dtype], t.shape, t.stride(), t.device.index or 0)
 
 
 def stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    """The handle of torch's current CUDA stream on ``device`` (the capture stream under CUDA-graph capture)."""
+    if _raw_stream is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    index = device.index
+    return _raw_stream(index if index is not None else torch.cuda.current_device())

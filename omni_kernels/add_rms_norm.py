@@ -143,7 +143,11 @@ if triton is not None:
         )
 
 
-@torch.library.custom_op("omni::add_rms_norm_triton", mutates_args=())
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return _new_outputs(x, residual)
+
+
+@_backend.kernel_op("omni::add_rms_norm_triton", mutates_args=(), fake=_add_rms_norm_fake)
 def _add_rms_norm_triton(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> list[torch.Tensor]:
@@ -154,15 +158,11 @@ def _add_rms_norm_triton(
     return outs
 
 
-@_add_rms_norm_triton.register_fake
-def _(x, residual, weight, eps):
-    return _new_outputs(x, residual)
-
 
 # ------------------------------------------------------------------------------------------------ cuda
 
 
-@torch.library.custom_op("omni::add_rms_norm_cuda", mutates_args=())
+@_backend.kernel_op("omni::add_rms_norm_cuda", mutates_args=(), fake=_add_rms_norm_fake)
 def _add_rms_norm_cuda(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> list[torch.Tensor]:
@@ -176,10 +176,6 @@ def _add_rms_norm_cuda(
         )
     return outs
 
-
-@_add_rms_norm_cuda.register_fake
-def _(x, residual, weight, eps):
-    return _new_outputs(x, residual)
 
 
 def _add_rms_norm_torch(x, residual, weight, eps) -> list[torch.Tensor]:

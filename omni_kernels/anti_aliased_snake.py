@@ -147,7 +147,11 @@ if triton is not None:
         tl.store(y_row + t, acc.to(y_ptr.dtype.element_ty), mask=(i < BLOCK - 8) & (t < length))
 
 
-@torch.library.custom_op("omni::anti_aliased_snake_triton", mutates_args=())
+def _anti_aliased_snake_fake(x, alpha, beta, up_filter, down_filter):
+    return x.new_empty(x.shape)
+
+
+@_backend.kernel_op("omni::anti_aliased_snake_triton", mutates_args=(), fake=_anti_aliased_snake_fake)
 def _anti_aliased_snake_triton(
     x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, up_filter: torch.Tensor, down_filter: torch.Tensor
 ) -> torch.Tensor:
@@ -165,12 +169,7 @@ def _anti_aliased_snake_triton(
     return y
 
 
-@_anti_aliased_snake_triton.register_fake
-def _(x, alpha, beta, up_filter, down_filter):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("omni::anti_aliased_snake_cuda", mutates_args=())
+@_backend.kernel_op("omni::anti_aliased_snake_cuda", mutates_args=(), fake=_anti_aliased_snake_fake)
 def _anti_aliased_snake_cuda(
     x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, up_filter: torch.Tensor, down_filter: torch.Tensor
 ) -> torch.Tensor:
@@ -179,6 +178,8 @@ def _anti_aliased_snake_cuda(
         return y
 
     def fp32(t: torch.Tensor) -> torch.Tensor:  # no copy for the usual fp32 parameters and buffers
+        if t.dtype == torch.float32 and t.is_contiguous():  # as is, no new views: the kernel reads size(-1) only
+            return t
         return t.reshape(-1).to(torch.float32).contiguous()
 
     # Keep the converted parameters alive until the launch: a temporary freed before it would hand its memory
@@ -186,11 +187,6 @@ def _anti_aliased_snake_cuda(
     params = [fp32(t) for t in (alpha, beta, up_filter, down_filter)]
     _cuda.ext().anti_aliased_snake(_cuda.ref(x), *(_cuda.ref(t) for t in params), _cuda.ref(y), _cuda.stream(x.device))
     return y
-
-
-@_anti_aliased_snake_cuda.register_fake
-def _(x, alpha, beta, up_filter, down_filter):
-    return x.new_empty(x.shape)
 
 
 _backend.register(

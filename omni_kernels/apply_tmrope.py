@@ -246,19 +246,18 @@ if triton is not None:
         )
 
 
-@torch.library.custom_op("omni::apply_tmrope_triton", mutates_args=("q", "k"))
+def _apply_tmrope_fake(q, k, positions, mrope_section, rope_theta) -> None:
+    return None
+
+
+@_backend.kernel_op("omni::apply_tmrope_triton", mutates_args=("q", "k"), fake=_apply_tmrope_fake)
 def _apply_tmrope_triton(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, mrope_section: list[int], rope_theta: float
 ) -> None:
     launch_tmrope_triton(q, k, positions, mrope_section, rope_theta)
 
 
-@_apply_tmrope_triton.register_fake
-def _(q, k, positions, mrope_section, rope_theta) -> None:
-    return None
-
-
-@torch.library.custom_op("omni::apply_tmrope_cuda", mutates_args=("q", "k"))
+@_backend.kernel_op("omni::apply_tmrope_cuda", mutates_args=("q", "k"), fake=_apply_tmrope_fake)
 def _apply_tmrope_cuda(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, mrope_section: list[int], rope_theta: float
 ) -> None:
@@ -267,11 +266,6 @@ def _apply_tmrope_cuda(
         _cuda.ref(q), _cuda.ref(k), _cuda.ref(positions), _cuda.ref(inv_freq),
         mrope_section[0], mrope_section[0] + mrope_section[1], _cuda.stream(q.device),
     )
-
-
-@_apply_tmrope_cuda.register_fake
-def _(q, k, positions, mrope_section, rope_theta) -> None:
-    return None
 
 
 def _apply_tmrope_torch(q, k, positions, mrope_section, rope_theta) -> None:

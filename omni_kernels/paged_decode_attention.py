@@ -222,7 +222,11 @@ def _partials(q, num_parts):
     return part_acc, part_ml
 
 
-@torch.library.custom_op("omni::paged_decode_attention_triton", mutates_args=())
+def _paged_decode_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale, partition_size=0):
+    return q.new_empty(q.shape)
+
+
+@_backend.kernel_op("omni::paged_decode_attention_triton", mutates_args=(), fake=_paged_decode_attention_fake)
 def _paged_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, partition_size: int = 0,
@@ -259,11 +263,6 @@ def _paged_decode_attention_triton(
     return out.to(q.dtype)
 
 
-@_paged_decode_attention_triton.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale, partition_size=0):
-    return q.new_empty(q.shape)
-
-
 # CUDA kernel limits (csrc/paged_decode_attention.cu): head dims it is compiled for, and 16-byte rows.
 CUDA_HEAD_DIMS = (64, 128)
 
@@ -283,7 +282,7 @@ def cuda_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return None
 
 
-@torch.library.custom_op("omni::paged_decode_attention_cuda", mutates_args=())
+@_backend.kernel_op("omni::paged_decode_attention_cuda", mutates_args=(), fake=_paged_decode_attention_fake)
 def _paged_decode_attention_cuda(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, partition_size: int = 0,
@@ -304,11 +303,6 @@ def _paged_decode_attention_cuda(
         _cuda.stream(q.device),
     )
     return out
-
-
-@_paged_decode_attention_cuda.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale, partition_size=0):
-    return q.new_empty(q.shape)
 
 
 def _torch_impl(q, k_cache, v_cache, block_tables, context_lens, scale, partition_size=0):

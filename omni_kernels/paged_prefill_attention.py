@@ -183,7 +183,11 @@ def num_tiles(num_tokens: int, num_seqs: int, block_m: int) -> int:
     return num_tokens // block_m + num_seqs
 
 
-@torch.library.custom_op("omni::paged_prefill_attention_triton", mutates_args=())
+def _paged_prefill_attention_fake(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    return q.new_empty(q.shape)
+
+
+@_backend.kernel_op("omni::paged_prefill_attention_triton", mutates_args=(), fake=_paged_prefill_attention_fake)
 def _paged_prefill_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
@@ -210,15 +214,10 @@ def _paged_prefill_attention_triton(
     return out.to(q.dtype)
 
 
-@_paged_prefill_attention_triton.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
-    return q.new_empty(q.shape)
-
-
 CUDA_BLOCK_M = 64  # query tokens per CTA in csrc/paged_prefill_attention.cu
 
 
-@torch.library.custom_op("omni::paged_prefill_attention_cuda", mutates_args=())
+@_backend.kernel_op("omni::paged_prefill_attention_cuda", mutates_args=(), fake=_paged_prefill_attention_fake)
 def _paged_prefill_attention_cuda(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
@@ -231,11 +230,6 @@ def _paged_prefill_attention_cuda(
         _cuda.ref(context_lens), _cuda.ref(out), float(scale), _cuda.stream(q.device),
     )
     return out
-
-
-@_paged_prefill_attention_cuda.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
-    return q.new_empty(q.shape)
 
 
 def _torch_impl(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):

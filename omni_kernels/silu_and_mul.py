@@ -61,7 +61,11 @@ if triton is not None:
         tl.store(out_ptr + row * out_stride + cols, _round_to(out, dtype).to(dtype), mask=mask)
 
 
-@torch.library.custom_op("omni::silu_and_mul_triton", mutates_args=())
+def _silu_and_mul_fake(gate_up):
+    return _new_output(gate_up)
+
+
+@_backend.kernel_op("omni::silu_and_mul_triton", mutates_args=(), fake=_silu_and_mul_fake)
 def _silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     out = _new_output(gate_up)
     if out.numel():
@@ -73,25 +77,17 @@ def _silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_silu_and_mul_triton.register_fake
-def _(gate_up):
-    return _new_output(gate_up)
-
 
 # ------------------------------------------------------------------------------------------------ cuda
 
 
-@torch.library.custom_op("omni::silu_and_mul_cuda", mutates_args=())
+@_backend.kernel_op("omni::silu_and_mul_cuda", mutates_args=(), fake=_silu_and_mul_fake)
 def _silu_and_mul_cuda(gate_up: torch.Tensor) -> torch.Tensor:
     out = _new_output(gate_up)
     if out.numel():
         _cuda.ext().silu_and_mul(_cuda.ref(gate_up), _cuda.ref(out), _cuda.stream(gate_up.device))
     return out
 
-
-@_silu_and_mul_cuda.register_fake
-def _(gate_up):
-    return _new_output(gate_up)
 
 
 _backend.register(

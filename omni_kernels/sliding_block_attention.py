@@ -179,7 +179,11 @@ def _tile_rows(block_size: int) -> int:
     return max(16, min(64, 1 << (block_size - 1).bit_length()))
 
 
-@torch.library.custom_op("omni::sliding_block_attention_triton", mutates_args=())
+def _sliding_block_attention_fake(q, k, v, cu_seqlens, block_size, look_back, look_ahead, scale, allow_tf32):
+    return q.new_empty(q.shape)
+
+
+@_backend.kernel_op("omni::sliding_block_attention_triton", mutates_args=(), fake=_sliding_block_attention_fake)
 def _sliding_block_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, block_size: int,
     look_back: int, look_ahead: int, scale: float, allow_tf32: bool,
@@ -206,12 +210,7 @@ def _sliding_block_attention_triton(
     return out
 
 
-@_sliding_block_attention_triton.register_fake
-def _(q, k, v, cu_seqlens, block_size, look_back, look_ahead, scale, allow_tf32):
-    return q.new_empty(q.shape)
-
-
-@torch.library.custom_op("omni::sliding_block_attention_cuda", mutates_args=())
+@_backend.kernel_op("omni::sliding_block_attention_cuda", mutates_args=(), fake=_sliding_block_attention_fake)
 def _sliding_block_attention_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, block_size: int,
     look_back: int, look_ahead: int, scale: float, allow_tf32: bool,
@@ -225,11 +224,6 @@ def _sliding_block_attention_cuda(
         block_size, look_back, look_ahead, scale, allow_tf32, _cuda.stream(q.device),
     )
     return out
-
-
-@_sliding_block_attention_cuda.register_fake
-def _(q, k, v, cu_seqlens, block_size, look_back, look_ahead, scale, allow_tf32):
-    return q.new_empty(q.shape)
 
 
 def _sliding_block_attention_torch(q, k, v, cu_seqlens, block_size, look_back, look_ahead, scale, allow_tf32):

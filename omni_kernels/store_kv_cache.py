@@ -64,7 +64,11 @@ if triton is not None:
         tl.store(v_cache_ptr + block * vc_stride_b + offset * vc_stride_p + head * vc_stride_h + d, v, mask=mask)
 
 
-@torch.library.custom_op("omni::store_kv_cache_triton", mutates_args=("k_cache", "v_cache"))
+def _store_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping) -> None:
+    return None
+
+
+@_backend.kernel_op("omni::store_kv_cache_triton", mutates_args=("k_cache", "v_cache"), fake=_store_kv_cache_fake)
 def _store_kv_cache_triton(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -81,12 +85,7 @@ def _store_kv_cache_triton(
     )
 
 
-@_store_kv_cache_triton.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping) -> None:
-    return None
-
-
-@torch.library.custom_op("omni::store_kv_cache_cuda", mutates_args=("k_cache", "v_cache"))
+@_backend.kernel_op("omni::store_kv_cache_cuda", mutates_args=("k_cache", "v_cache"), fake=_store_kv_cache_fake)
 def _store_kv_cache_cuda(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -94,11 +93,6 @@ def _store_kv_cache_cuda(
         _cuda.ref(k), _cuda.ref(v), _cuda.ref(k_cache), _cuda.ref(v_cache), _cuda.ref(slot_mapping),
         _cuda.stream(k.device),
     )
-
-
-@_store_kv_cache_cuda.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping) -> None:
-    return None
 
 
 _backend.register(

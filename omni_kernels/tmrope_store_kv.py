@@ -47,7 +47,13 @@ except ImportError:  # pure-torch install: apply_tmrope defines no Triton launch
     launch_tmrope_triton = None
 
 
-@torch.library.custom_op("omni::tmrope_store_kv_triton", mutates_args=("q", "k", "k_cache", "v_cache"))
+def _tmrope_store_kv_fake(q, k, v, positions, k_cache, v_cache, slot_mapping, mrope_section, rope_theta) -> None:
+    return None
+
+
+@_backend.kernel_op(
+    "omni::tmrope_store_kv_triton", mutates_args=("q", "k", "k_cache", "v_cache"), fake=_tmrope_store_kv_fake
+)
 def _tmrope_store_kv_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,12 +68,9 @@ def _tmrope_store_kv_triton(
     launch_tmrope_triton(q, k, positions, mrope_section, rope_theta, v, k_cache, v_cache, slot_mapping)
 
 
-@_tmrope_store_kv_triton.register_fake
-def _(q, k, v, positions, k_cache, v_cache, slot_mapping, mrope_section, rope_theta) -> None:
-    return None
-
-
-@torch.library.custom_op("omni::tmrope_store_kv_cuda", mutates_args=("q", "k", "k_cache", "v_cache"))
+@_backend.kernel_op(
+    "omni::tmrope_store_kv_cuda", mutates_args=("q", "k", "k_cache", "v_cache"), fake=_tmrope_store_kv_fake
+)
 def _tmrope_store_kv_cuda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,11 +88,6 @@ def _tmrope_store_kv_cuda(
         _cuda.ref(v_cache), _cuda.ref(slot_mapping), mrope_section[0], mrope_section[0] + mrope_section[1],
         _cuda.stream(q.device),
     )
-
-
-@_tmrope_store_kv_cuda.register_fake
-def _(q, k, v, positions, k_cache, v_cache, slot_mapping, mrope_section, rope_theta) -> None:
-    return None
 
 
 def _tmrope_store_kv_torch(q, k, v, positions, k_cache, v_cache, slot_mapping, mrope_section, rope_theta) -> None:

@@ -261,19 +261,18 @@ def _launch_triton(q, k, v, cu_seqlens, max_seqlen, scale) -> torch.Tensor:
 # The custom ops take cu_seqlens as int32 (the front door converts) and max_seqlen > 0 as a host int.
 
 
-@torch.library.custom_op("omni::window_attention_triton", mutates_args=())
+def _window_attention_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+    return q.new_empty(q.shape)
+
+
+@_backend.kernel_op("omni::window_attention_triton", mutates_args=(), fake=_window_attention_fake)
 def _window_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
 ) -> torch.Tensor:
     return _launch_triton(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
-@_window_attention_triton.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
-    return q.new_empty(q.shape)
-
-
-@torch.library.custom_op("omni::window_attention_cuda", mutates_args=())
+@_backend.kernel_op("omni::window_attention_cuda", mutates_args=(), fake=_window_attention_fake)
 def _window_attention_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
 ) -> torch.Tensor:
@@ -288,11 +287,6 @@ def _window_attention_cuda(
         packed, max_seqlen, scale, _cuda.stream(q.device),
     )
     return out
-
-
-@_window_attention_cuda.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
-    return q.new_empty(q.shape)
 
 
 def _window_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale):
