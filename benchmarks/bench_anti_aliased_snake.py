@@ -12,14 +12,11 @@ transformers), triton, cuda.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
 from omni_kernels import anti_aliased_snake, anti_aliased_snake_ref, available
 from omni_kernels.anti_aliased_snake import kaiser_sinc_filter
-from omni_kernels.testing import Record, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 
 INITIAL_CHANNELS = 1536
 UPSAMPLE_RATES = (5, 3, 2, 2, 2, 2)
@@ -87,13 +84,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     return set_speedups(records, baseline)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -18,9 +18,6 @@ then the reference scatter into the cache: HF has no paged cache), torch (the re
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
 from omni_kernels import (
@@ -33,7 +30,7 @@ from omni_kernels import (
     tmrope_store_kv_ref,
 )
 from omni_kernels.apply_tmrope import tmrope_inv_freq
-from omni_kernels.testing import Record, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 
 # (num_q_heads, num_kv_heads, head_dim, mrope_section, rope_theta) of the Thinker (REFERENCE.md).
 THINKER = {"qwen2.5-omni-7b": (28, 4, 128, (16, 24, 24), 1e6), "qwen2.5-omni-3b": (16, 2, 128, (16, 24, 24), 1e6)}
@@ -178,14 +175,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     return set_speedups(records, "hf")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="qwen2.5-omni-7b", choices=sorted(THINKER))
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -15,9 +15,6 @@ inductor's CPU compile would take longer than the whole quick suite), triton, cu
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +26,7 @@ from omni_kernels import (
     paged_prefill_attention,
     paged_prefill_attention_ref,
 )
-from omni_kernels.testing import Record, copy_bandwidth_gbps, do_bench, make_record, set_speedups, spec_for
+from omni_kernels.testing import Record, bench_main, copy_bandwidth_gbps, do_bench, make_record, set_speedups, spec_for
 
 BASELINE = "sdpa-contiguous"
 # (Hq, Hk, D) of the thinker's attention per preset.
@@ -179,14 +176,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     return set_speedups(records, BASELINE)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="qwen2.5-omni-7b", choices=sorted(THINKER_HEADS))
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -10,13 +10,10 @@ triton, cuda. No outside peer is named for this op; vLLM's ``silu_and_mul`` is i
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
 from omni_kernels import available, silu_and_mul, silu_and_mul_ref
-from omni_kernels.testing import Record, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 from omni_model.config import OmniConfig
 
 TOKENS = (1, 8, 4096)
@@ -61,14 +58,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     return set_speedups(records, "torch")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="qwen2.5-omni-7b", choices=["qwen2.5-omni-7b", "qwen2.5-omni-3b"])
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -19,9 +19,7 @@ case fails the same way (the same pattern reproduced on CPU, torch 2.13: ``Lower
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 from collections.abc import Callable
 
 import torch
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from omni_kernels import available, sliding_block_attention, sliding_block_attention_ref
-from omni_kernels.testing import Record, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 
 HEADS, HEAD_DIM, BLOCK_SIZE, GUIDANCE_BATCH = 16, 64, 24, 2
 FRAMES = (300, 3000)
@@ -148,13 +146,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     return set_speedups(records, BASELINE)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -6,14 +6,11 @@ this op; the copy bandwidth measured in the same run is the roofline.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
 from omni_benchmarks.shapes import KV_SHAPES, PAGE_SIZE, STORE_KV_TOKENS, STORE_KV_TOKENS_QUICK
 from omni_kernels import available, store_kv_cache, store_kv_cache_ref
-from omni_kernels.testing import Record, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 
 
 def _providers(dev, k, v, k_cache, v_cache, slots, compiled) -> dict:
@@ -49,13 +46,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     return set_speedups(records, "torch")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

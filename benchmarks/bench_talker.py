@@ -17,8 +17,6 @@ our loop bans the same ids (codec bos always, the stop ids pad / end until the l
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
 
 import torch
@@ -38,7 +36,7 @@ from omni_benchmarks.bench_thinker import (
     safe_ids,
     short_name,
 )
-from omni_kernels.testing import Record
+from omni_kernels.testing import Record, bench_main
 from omni_model.config import OmniConfig
 from omni_model.models.talker import Talker
 
@@ -111,14 +109,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="qwen2.5-omni-7b")
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -36,10 +36,8 @@ are shared with ``bench_talker``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -50,6 +48,7 @@ from torch import nn
 
 from omni_kernels.testing import (
     Record,
+    bench_main,
     copy_bandwidth_gbps,
     device_name,
     make_record,
@@ -584,14 +583,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="qwen2.5-omni-7b")
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -16,13 +16,11 @@ the same codes and noise (``hf`` rows: HF's against ours, a parity figure), ``rt
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
 import torch
 
-from omni_kernels.testing import Record, do_bench, make_record
+from omni_kernels.testing import Record, bench_main, do_bench, make_record
 from omni_model.config import OmniConfig
 from omni_model.hf_compat import randomize_weights_
 from omni_model.models.token2wav import HF_NOISE_FRAMES, Token2Wav
@@ -196,14 +194,5 @@ def _speedups_vs_hf(records: list[Record]) -> list[Record]:
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="qwen2.5-omni-7b")
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -26,8 +26,6 @@ over the merged tokens, checked once per input before timing, same dtype on both
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
 
 import torch
@@ -42,7 +40,7 @@ from omni_benchmarks.bench_thinker import (
 )
 from omni_benchmarks.bench_window_attention import vision_grid
 from omni_kernels._backend import resolve
-from omni_kernels.testing import Record, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 from omni_model.config import OmniConfig
 from omni_model.hf_compat import hf_config
 from omni_model.layers.backend import use_backend
@@ -179,14 +177,5 @@ def _bench_input(cfg, ours: VisionEncoder, hf: torch.nn.Module | None, hf_error:
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="qwen2.5-omni-7b")
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -19,15 +19,13 @@ layers); triton and cuda get max_seqlen, so they launch without a host sync, as 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
 import torch
 import torch.nn.functional as F
 
 from omni_kernels import available, window_attention, window_attention_ref
-from omni_kernels.testing import Record, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 from omni_kernels.window_attention import _segment_attention
 
 BASELINE = "hf-sdpa-loop"
@@ -156,13 +154,5 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     return set_speedups(records, BASELINE)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps([r.to_dict() for r in run(args.device, args.quick)], indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -313,6 +313,20 @@ def write_records(records: list[Record | dict], path: str) -> None:
         json.dump(rows, f, indent=1)
 
 
+def bench_main(run, doc: str | None) -> None:
+    """``python benchmarks/bench_<x>.py [--device D] [--quick] [--preset P]``: runs one bench module's ``run`` and
+    prints its records as JSON (``omni bench`` is the usual way in)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--preset", default="qwen2.5-omni-7b", help="qwen2.5-omni-7b, qwen2.5-omni-3b or tiny")
+    args = parser.parse_args()
+    print(json.dumps([r.to_dict() for r in run(args.device, args.quick, args.preset)], indent=1))
+
+
 def backend_params(op: str) -> list:
     """The (backend, device) pytest params of an op's tests: torch and Triton on CPU, then torch, Triton and CUDA
     on a GPU (marked ``gpu``); each skips cleanly where this machine cannot run it."""
