@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_kernels import silu_and_mul
+from omni_model.layers.backend import get_backend
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,  # exact (erf) GELU: HF's "gelu"
@@ -48,5 +51,9 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act is F.silu:  # SwiGLU: the fused op (its torch reference is the line below)
+            hidden = silu_and_mul(gate_up.reshape(-1, gate_up.shape[-1]), backend=get_backend())
+            return self.down_proj(hidden.view(*gate_up.shape[:-1], self.intermediate))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -36,9 +36,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous block's output before its residual add (the embeddings for the first block, with
+        ``residual=None``); returns this block's MLP output and the residual stream before it (HF's
+        ``x = x + attn(norm(x)); x = x + mlp(norm(x))``, with each add fused into the norm after it)."""
+        h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, positions), residual)
+        return self.mlp(h), residual
 
 
 class ThinkerTextModel(nn.Module):
@@ -56,10 +61,10 @@ class ThinkerTextModel(nn.Module):
         Runs inside an :func:`~omni_model.layers.context.attention_context` (prefill: T packed new tokens;
         decode: one token per sequence).
         """
-        x = embeds
+        x, residual = embeds, None
         for layer in self.layers:
-            x = layer(x, positions)
-        return self.norm(x)
+            x, residual = layer(x, positions, residual)
+        return self.norm.add_forward(x, residual)[0]
 
     def paged_attention_layers(self) -> list[PagedAttention]:
         """The layers whose ``k_cache`` / ``v_cache`` a KV cache binds (one per decoder layer, in order)."""

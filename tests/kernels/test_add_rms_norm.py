@@ -116,17 +116,24 @@ def test_empty(backend, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
 def test_reference_is_the_model_code(dtype, with_residual):
-    # The decoder layer's ``x = x + out`` then omni_model.layers.norm.RMSNorm, bit for bit.
+    # HF's Qwen2RMSNorm after the decoder layer's ``x = x + out``, bit for bit; and the model's RMSNorm (which runs
+    # this op) with its default backend.
+    qwen2 = pytest.importorskip("transformers.models.qwen2.modeling_qwen2")
     from omni_model.layers.norm import RMSNorm
 
     x, res, weight = _case(4, 96, dtype, "cpu", residual=with_residual)
-    norm = RMSNorm(96, eps=EPS).to(dtype)
+    hf = qwen2.Qwen2RMSNorm(96, eps=EPS).to(dtype)
+    ours = RMSNorm(96, eps=EPS).to(dtype)
     with torch.no_grad():
-        norm.weight.copy_(weight)
+        hf.weight.copy_(weight)
+        ours.weight.copy_(weight)
         h = x + res if with_residual else x
-        expect = norm(h)
-        normed, new_res = add_rms_norm_ref(x, res, norm.weight, eps=norm.eps)
-    assert torch.equal(new_res, h) and torch.equal(normed, expect)
+        expect = hf(h)
+        normed, new_res = add_rms_norm_ref(x, res, weight, eps=EPS)
+        assert torch.equal(new_res, h) and torch.equal(normed, expect)
+        assert torch.equal(ours(h), expect)
+        layer_normed, layer_res = ours.add_forward(x, res)
+        assert torch.equal(layer_normed, expect) and torch.equal(layer_res, h)
 
 
 def test_reference_in_float64():
