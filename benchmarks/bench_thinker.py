@@ -13,6 +13,8 @@ Providers (same weights, same prompt, same process):
 * ``omni-sync``: the same loop reading each step's ids back to the host, as a serving loop does to check for
   stop ids (shows how much host work per step is exposed once the host waits for the GPU);
 * ``torch-eager``: the runner without CUDA graphs (CUDA only: on CPU it is ``omni``), what graphs buy;
+* ``omni-all-cuda`` / ``omni-all-triton`` (CUDA only): ``omni`` with every op on one compiled backend, including
+  the fused ``add_rms_norm`` / ``silu_and_mul`` that ``backend=None`` leaves on torch until they are measured;
 * ``hf-generate``: transformers' ``Qwen2_5OmniThinkerForConditionalGeneration`` (encoders shrunk to a stub:
   a text prompt never runs them) with our weights copied in, ``generate(do_sample=False, min_new_tokens=N + 1,
   max_new_tokens=N + 1)`` from the same prompt ids; the baseline of ``speedup``.
@@ -58,6 +60,7 @@ from omni_kernels.testing import (
 )
 from omni_model.config import OmniConfig
 from omni_model.engine.runner import DecoderRunner, RunnerConfig
+from omni_model.layers.backend import use_backend
 from omni_model.layers.sampler import SamplingParams, sample
 from omni_model.models.thinker import ThinkerTextModel
 from omni_model.weights import checkpoint_plan
@@ -466,27 +469,31 @@ def run_providers(*, bench: str, label: Callable[[int], str], decoder: nn.Module
                                      batch=batch, plan=plan, roof=roof, result=result, error=error,
                                      reference=reference.get(batch) if provider != "omni" else None))
 
-    variants = [("omni", True, False), ("omni-sync", True, True)]
+    # (provider, CUDA graphs, sync each step, backend of every op): one runner per (graphs, backend), since a
+    # captured graph keeps the kernels of the backend it was captured with.
+    variants = [("omni", True, False, None), ("omni-sync", True, True, None)]
     if device.type == "cuda":
-        variants.append(("torch-eager", False, False))
-    for graphs in (True, False):
-        names = [v for v in variants if v[1] == graphs]
-        if not names:
-            continue
+        variants.append(("torch-eager", False, False, None))
+        # Every op on one compiled backend, the fused add_rms_norm / silu_and_mul included (their default is the
+        # torch reference until a run like this one shows them winning).
+        variants += [("omni-all-cuda", True, False, "cuda"), ("omni-all-triton", True, False, "triton")]
+    for graphs, backend in dict.fromkeys((v[1], v[3]) for v in variants):
+        names = [v for v in variants if (v[1], v[3]) == (graphs, backend)]
         runner = None
         try:
             runner = make_runner(decoder, graphs=graphs, plan=plan, max_model_len=max_model_len, dtype=dtype,
                                  device=device)
         except Exception as exc:  # a provider's failure is a record, not a crash
-            for name, _, _ in names:
+            for name, *_ in names:
                 for batch in plan.batches:
                     add(name, batch, error=error_text(exc))
             continue
         try:
-            for name, _, sync in names:
+            for name, _, sync, _ in names:
                 for batch in plan.batches:
                     try:
-                        result = time_runner(runner, spec, plan, batch, sync_each_step=sync)
+                        with use_backend(backend):
+                            result = time_runner(runner, spec, plan, batch, sync_each_step=sync)
                     except Exception as exc:
                         add(name, batch, error=error_text(exc))
                         continue
