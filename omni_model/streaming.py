@@ -24,6 +24,13 @@ at once gives the same audio.
 The speaker part of the DiT input (ECAPA-TDNN over the reference mel, both guidance branches) is computed once
 per utterance; per chunk only the code embeddings of the window are projected.
 
+On CUDA (issue #7, item 1): a chunk's DiT solve (36 passes of small kernels, launch-bound eagerly) and its vocoder
+replay CUDA graphs, one per window shape, kept on the model (:func:`graph_cache`; every chunk but the last has a
+shape fixed by the settings, the last one runs eagerly), and chunks run on Token2Wav's own CUDA stream
+(:func:`token2wav_stream`): ``push`` queues the chunk and returns at once, the samples come back through pinned
+memory, and the audio of a chunk is handed out by the first ``push`` / ``finish`` after its last kernel, so the
+decoders' steps go on while the DiT runs.
+
 Quality is measured, not assumed: :func:`stream_snr_db` compares streamed audio with the non-streaming
 ``Token2Wav`` audio of the same codes and noise (``tests/model/test_streaming.py`` on the tiny model,
 ``benchmarks/bench_token2wav.py`` at 7B shapes).
