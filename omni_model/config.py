@@ -150,8 +150,26 @@ def _check_decoder(owner: Any) -> None:
 # ----------------------------------------------------------------------------------------------- Thinker
 
 
+class _DecoderSizes:
+    """Attention sizes of a decoder config (the Thinker LM's and the Talker's): needs ``num_attention_heads``,
+    ``num_key_value_heads`` and ``head_dim``."""
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
 @dataclass(frozen=True)
-class TextConfig(_Section):
+class TextConfig(_Section, _DecoderSizes):
     """Thinker language model: a Qwen2 decoder with TMRoPE (HF ``Qwen2_5OmniTextConfig``)."""
 
     vocab_size: int = 152064
@@ -180,19 +198,6 @@ class TextConfig(_Section):
     def head_dim(self) -> int:
         # HF reads getattr(config, "head_dim", hidden // heads); the text config has no head_dim field.
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def num_kv_groups(self) -> int:
-        """Query heads per KV head (GQA)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def q_size(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_key_value_heads * self.head_dim
 
     @classmethod
     def _from_json(cls, d: Mapping[str, Any] | None) -> TextConfig:
@@ -395,7 +400,7 @@ class ThinkerConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TalkerConfig(_Section):
+class TalkerConfig(_Section, _DecoderSizes):
     """The Talker: a Qwen2 decoder over codec ids, fed from the Thinker (HF ``Qwen2_5OmniTalkerConfig``).
 
     Unlike the Thinker LM, ``head_dim`` is explicit (7B: 12 heads x 128 on a 896-wide residual stream) and
@@ -447,18 +452,6 @@ class TalkerConfig(_Section):
         _check(len({getattr(self, n) for n in self._CODEC}) == len(self._CODEC), self,
                "codec special ids must be distinct: " + ", ".join(f"{n}={getattr(self, n)}" for n in self._CODEC))
         _check(self.seconds_per_chunk > 0, self, f"seconds_per_chunk={self.seconds_per_chunk} must be > 0")
-
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def q_size(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_key_value_heads * self.head_dim
 
     @property
     def stop_token_ids(self) -> tuple[int, int]:
