@@ -150,9 +150,23 @@ def _check_decoder(owner: Any) -> None:
 # ----------------------------------------------------------------------------------------------- Thinker
 
 
-class _DecoderSizes:
-    """Attention sizes of a decoder config (the Thinker LM's and the Talker's): needs ``num_attention_heads``,
-    ``num_key_value_heads`` and ``head_dim``."""
+class _Decoder:
+    """What the two decoder configs (the Thinker LM's and the Talker's) share: the attention sizes (from
+    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and the JSON form of ``mrope_section`` (HF keeps it
+    in ``rope_scaling``; a sliding window is refused). Listed before ``_Section`` among the bases."""
+
+    @classmethod
+    def _from_json(cls, d: Mapping[str, Any] | None):
+        d = dict(d or {})
+        _refuse_sliding_window(cls, d)
+        d["mrope_section"] = _mrope_from_rope_scaling(cls, d.pop("rope_scaling", None), cls.mrope_section)
+        return super()._from_json(d)
+
+    def _to_json(self) -> dict[str, Any]:
+        d = super()._to_json()
+        d["rope_scaling"] = {"mrope_section": list(d.pop("mrope_section")), "rope_type": "default",
+                             "type": "default"}
+        return d
 
     @property
     def num_kv_groups(self) -> int:
@@ -169,7 +183,7 @@ class _DecoderSizes:
 
 
 @dataclass(frozen=True)
-class TextConfig(_Section, _DecoderSizes):
+class TextConfig(_Decoder, _Section):
     """Thinker language model: a Qwen2 decoder with TMRoPE (HF ``Qwen2_5OmniTextConfig``)."""
 
     vocab_size: int = 152064
@@ -202,19 +216,11 @@ class TextConfig(_Section, _DecoderSizes):
     @classmethod
     def _from_json(cls, d: Mapping[str, Any] | None) -> TextConfig:
         d = dict(d or {})
-        _refuse_sliding_window(cls, d)
         hidden, heads = d.get("hidden_size", cls.hidden_size), d.get("num_attention_heads", cls.num_attention_heads)
         if d.get("head_dim") is not None and heads and d["head_dim"] != hidden // heads:
             raise ValueError(f"TextConfig: head_dim={d['head_dim']} != hidden_size // num_attention_heads = "
                              f"{hidden // heads} is not supported")
-        d["mrope_section"] = _mrope_from_rope_scaling(cls, d.pop("rope_scaling", None), cls.mrope_section)
         return super()._from_json(d)
-
-    def _to_json(self) -> dict[str, Any]:
-        d = super()._to_json()
-        d["rope_scaling"] = {"mrope_section": list(d.pop("mrope_section")), "rope_type": "default",
-                             "type": "default"}
-        return d
 
 
 @dataclass(frozen=True)
@@ -400,7 +406,7 @@ class ThinkerConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TalkerConfig(_Section, _DecoderSizes):
+class TalkerConfig(_Decoder, _Section):
     """The Talker: a Qwen2 decoder over codec ids, fed from the Thinker (HF ``Qwen2_5OmniTalkerConfig``).
 
     Unlike the Thinker LM, ``head_dim`` is explicit (7B: 12 heads x 128 on a 896-wide residual stream) and
@@ -458,18 +464,6 @@ class TalkerConfig(_Section, _DecoderSizes):
         """Codec ids that end an utterance (HF's generate passes eos_token_id=[8292, 8294]: pad and end)."""
         return (self.tts_codec_pad_token_id, self.tts_codec_end_token_id)
 
-    @classmethod
-    def _from_json(cls, d: Mapping[str, Any] | None) -> TalkerConfig:
-        d = dict(d or {})
-        _refuse_sliding_window(cls, d)
-        d["mrope_section"] = _mrope_from_rope_scaling(cls, d.pop("rope_scaling", None), cls.mrope_section)
-        return super()._from_json(d)
-
-    def _to_json(self) -> dict[str, Any]:
-        d = super()._to_json()
-        d["rope_scaling"] = {"mrope_section": list(d.pop("mrope_section")), "rope_type": "default",
-                             "type": "default"}
-        return d
 
 
 # ----------------------------------------------------------------------------------------------- Token2Wav
