@@ -436,14 +436,8 @@ class OmniModel(nn.Module):
     def _thinker_forward(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, ThinkerPrompt]:
         prompt = prepare_thinker_prompt(self.config.thinker_config, **inputs)
         device = self.thinker.lm_head.weight.device
-        dtype = self.thinker.lm_head.weight.dtype
-
-        def to(media):
-            return None if media is None else (media[0].to(device=device, dtype=dtype), media[1])
-
-        embeds = self.thinker.embed_prompt(
-            prompt.ids.to(device), audio=to(prompt.audio), images=to(prompt.images), videos=to(prompt.videos)
-        )
+        embeds = self.thinker.embed_prompt(prompt.ids.to(device), audio=prompt.audio, images=prompt.images,
+                                           videos=prompt.videos)
         hidden = transient_prefill(self.thinker.model, embeds, prompt.positions.to(device), prompt.seq_lens)
         return hidden, embeds, prompt
 

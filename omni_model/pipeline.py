@@ -385,11 +385,7 @@ class _Generation:
             except (CacheFullError, ValueError) as exc:
                 r.error, r.thinker_done = str(exc), True
 
-        def to(media):
-            return None if media is None else (media[0].to(device=self.device, dtype=self.dtype), media[1])
-
-        embeds = thinker.embed_prompt(p.ids.to(self.device), audio=to(p.audio), images=to(p.images),
-                                      videos=to(p.videos))
+        embeds = thinker.embed_prompt(p.ids.to(self.device), audio=p.audio, images=p.images, videos=p.videos)
         self.mark("encoders")
         if not live:
             return

@@ -99,6 +99,7 @@ class Thinker(nn.Module):
 
         audio: (features (B_a, mel, F), mel lengths); images / videos: (patches (N, C*tp*p*p), grids [(t, h, w)]).
         Features fill their token positions in order (HF's masked_scatter); the counts were checked by the caller.
+        The media tensors go to the device and dtype of the embeddings first (the processor hands out fp32 on CPU).
         """
         embeds = self.model.embed_tokens(ids)
         cfg = self.config
@@ -109,7 +110,7 @@ class Thinker(nn.Module):
         ):
             if media is None:
                 continue
-            features = encoder(*media).to(embeds.dtype)
+            features = encoder(media[0].to(device=embeds.device, dtype=embeds.dtype), media[1]).to(embeds.dtype)
             where = (ids == token_id).nonzero().squeeze(1)
             if where.numel() != features.shape[0]:  # the caller validates; this guards direct use
                 raise ValueError(f"{where.numel()} tokens with id {token_id} but {features.shape[0]} feature rows")
