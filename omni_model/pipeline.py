@@ -260,7 +260,7 @@ class _Generation:
         self.prompt = prepare_thinker_prompt(self.thinker_cfg, **inputs, use_audio_in_video=cfg.use_audio_in_video)
         self.input_ids = inputs["input_ids"]
         self.engine = engine_for(model)
-        self.device, self.dtype = self.engine.device, self.engine.dtype
+        self.device = self.engine.device
         self.generator = torch.Generator(device=self.device)
         if cfg.seed is not None:
             self.generator.manual_seed(cfg.seed)
