@@ -444,8 +444,9 @@ class _Generation:
             pos = self._h2d([r.tseq.num_tokens - 1 + r.delta for r in rows]).expand(3, -1)
             hidden = runner.decode([r.tseq for r in rows], embeds, pos)
             if self.cfg.return_audio:
+                elements = hidden + embeds  # one add for the batch; each row keeps its row
                 for i, r in enumerate(rows):
-                    r.reply.append(hidden[i] + embeds[i])
+                    r.reply.append(elements[i])
             self._sample_thinker(thinker.compute_logits(hidden), rows, index)
         self._read_thinker(keep=1 if rows else 0)
 
