@@ -399,7 +399,7 @@ class _Generation:
         self.mark("thinker_prefill")
         if self.cfg.return_audio:
             starts = np.cumsum([0] + [r.tseq.num_tokens for r in live])
-            media_tensor = torch.tensor(sorted(media_ids), device=self.device)
+            media_tensor = self._h2d(sorted(media_ids))
             for i, r in enumerate(live):
                 sl = slice(int(starts[i]), int(starts[i + 1]))
                 ids = p.ids[offsets[r.index]:offsets[r.index + 1]].to(self.device)
