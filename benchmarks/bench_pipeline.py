@@ -65,7 +65,7 @@ from torch import nn
 
 from omni_benchmarks.bench_thinker import error_text, hf_build_context, quiet_hf, safe_ids, short_name
 from omni_kernels.testing import Record, make_record, quantiles, set_speedups, write_records
-from omni_model.config import OmniConfig
+from omni_model.config import SAMPLE_RATE, OmniConfig
 from omni_model.demo import synthetic_question
 from omni_model.engine.config import EngineConfig
 from omni_model.model import OmniModel
@@ -76,7 +76,6 @@ from omni_model.weights import checkpoint_plan
 BENCH = "pipeline"
 SEED = 0
 SPEAKER = "Chelsie"
-SAMPLE_RATE = 24000
 GIB = 2**30
 PREFIX_TOKENS, SUFFIX_TOKENS = 24, 6  # system / user template and assistant header stand-ins
 STREAM = "omni-stream"

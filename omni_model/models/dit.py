@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_kernels import sliding_block_attention
+from omni_kernels.apply_tmrope import rope_inv_freq
 from omni_model.layers.backend import get_backend
 from omni_model.layers.mlp import MergedLinear
 from omni_model.models.ecapa import ECAPATDNN
@@ -32,6 +33,7 @@ from omni_model.models.ecapa import ECAPATDNN
 TIME_FREQ_DIM = 256  # sinusoidal time features (HF DiTTimestepEmbedding freq_embed_dim)
 TIME_SCALE = 1000.0  # t in [0, 1] is scaled by 1000 before the sinusoid
 NORM_EPS = 1e-6
+ROPE_THETA = 10000.0  # HF fixes the DiT's RoPE base in code (Qwen2_5OmniDiTRotaryEmbedding), not in the config
 
 
 def check_codes(codes: torch.Tensor, num_embeds: int) -> None:
@@ -196,7 +198,7 @@ class DiT(nn.Module):
         # RoPE frequencies 1 / 1e4^(2i/D) (HF fixes the base at 1e4 in code and saves them with the weights as
         # rotary_embed.inv_freq; Token2Wav.load_weights checks that tensor against this one).
         self.rotary_embed = nn.Module()
-        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+        inv_freq = rope_inv_freq(cfg.head_dim, ROPE_THETA, torch.get_default_device()).clone()
         self.rotary_embed.register_buffer("inv_freq", inv_freq, persistent=False)
         # (look_back, look_ahead) in blocks per layer: 7B (1, 0) in layers 0 and 20, (0, 1) in 10, (0, 0) elsewhere.
         self.transformer_blocks = nn.ModuleList(DiTBlock(cfg, *cfg.block_window(i))
