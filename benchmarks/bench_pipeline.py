@@ -499,13 +499,14 @@ def hf_stage_clock(hf: nn.Module, marks: dict[str, float], device: torch.device)
 
 @torch.inference_mode()
 def hf_generate_once(hf: nn.Module, cfg: OmniConfig, inputs: dict, plan: Plan, device: torch.device, *,
-                     thinker_tokens: int | None = None, talker_codes: int | None = None) -> Run:
+                     thinker_tokens: int | None = None, talker_codes: int | None = None,
+                     speaker: str = SPEAKER) -> Run:
     marks: dict[str, float] = {}
     processor = _code_table_processor(cfg)
     extra = {} if processor is None else dict(talker_logits_processor=processor)
     with Memory(device) as mem, hf_stage_clock(hf, marks, device), quiet_hf():
         t0 = time.perf_counter()
-        out = hf.generate(**inputs, speaker=SPEAKER, thinker_max_new_tokens=thinker_tokens or plan.thinker_tokens,
+        out = hf.generate(**inputs, speaker=speaker, thinker_max_new_tokens=thinker_tokens or plan.thinker_tokens,
                           talker_max_new_tokens=talker_codes or plan.talker_codes, talker_do_sample=False, **extra)
         _sync(device)
         total = (time.perf_counter() - t0) * 1e3
