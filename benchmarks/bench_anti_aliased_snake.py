@@ -1,6 +1,6 @@
 """anti_aliased_snake: BigVGAN's anti-aliased SnakeBeta (GB/s counting x read once and y written once).
 
-Shapes: the activations of each BigVGAN upsampling stage for a 10 s clip (1000 mel frames; REFERENCE.md: conv_pre to
+Shapes: the activations of each BigVGAN upsampling stage for a 10 s clip (1000 mel frames; docs/model.md: conv_pre to
 1536 channels, upsample rates 5, 3, 2, 2, 2, 2 with the width halving at each): (1, 768, 5000), (1, 384, 15000),
 (1, 192, 30000), (1, 96, 60000), (1, 48, 120000), (1, 24, 240000); each runs 18 times per clip (6 in each of the 3
 AMP blocks of its stage), the last one once more before conv_post.

@@ -32,7 +32,7 @@ from omni_kernels import (
 from omni_kernels.apply_tmrope import rope_inv_freq
 from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 
-# (num_q_heads, num_kv_heads, head_dim, mrope_section, rope_theta) of the Thinker (REFERENCE.md).
+# (num_q_heads, num_kv_heads, head_dim, mrope_section, rope_theta) of the Thinker (docs/model.md).
 THINKER = {"qwen2.5-omni-7b": (28, 4, 128, (16, 24, 24), 1e6), "qwen2.5-omni-3b": (16, 2, 128, (16, 24, 24), 1e6)}
 PREFILL_TOKENS = (8192, 16384, 32768, 65536)
 PREFILL_TOKENS_QUICK = (256,)

@@ -1,7 +1,7 @@
 """paged_decode_attention (GB/s) and paged_prefill_attention (TFLOP/s) at the Thinker's shapes.
 
 Decode: one new token per sequence over 1k..32k cached tokens, batch 1 and 8, the 7B thinker's attention
-(Hq 28, Hk 4, D 128; REFERENCE.md), bf16, P = 16, blocks in random page order. Bytes counted: the K and V rows
+(Hq 28, Hk 4, D 128; docs/model.md), bf16, P = 16, blocks in random page order. Bytes counted: the K and V rows
 that must be read (2 * B * ctx * Hk * D * 2) plus q and the output; the records also give GB/s as a percentage
 of the device-to-device copy bandwidth measured in the same run (``pct_of_copy_bw``) and of the spec figure.
 Prefill: 2k new tokens over 0 and 6k cached tokens (batch 1); flops counted for the causal pairs only:

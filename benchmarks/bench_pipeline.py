@@ -1,6 +1,6 @@
 """End to end: time to first audio, real-time factor, the stage timeline and peak memory, against HF ``generate``.
 
-What is measured (issue #7 item 4), with random weights at the preset's shapes (7B: bf16, Token2Wav fp32 as HF
+What is measured, with random weights at the preset's shapes (7B: bf16, Token2Wav fp32 as HF
 runs it) and the same weights in HF's model, in the same process:
 
 * ``7b audio-5s reply<=10s``: a spoken question (5 s of a synthetic speech-like signal, log-mel features as the

@@ -1,6 +1,6 @@
 """Thinker decode: tokens/s and % of the weight-bytes roofline at batch 1 and 8, against HF ``generate``.
 
-What is measured (issue #5 item 4): the Thinker LM (``ThinkerTextModel`` + ``lm_head``, random weights at the
+What is measured: the Thinker LM (``ThinkerTextModel`` + ``lm_head``, random weights at the
 preset's shapes, bf16 on CUDA) prefills a 64-token text prompt, then runs N greedy decode steps per sequence
 through the engine's :class:`~omni_model.engine.runner.DecoderRunner` (paged KV cache, CUDA graphs). A decode
 step must read every weight once: the decoder layers, the final norm, ``lm_head`` and one embedding row per

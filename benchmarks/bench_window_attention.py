@@ -1,6 +1,6 @@
 """window_attention: block-diagonal attention of the vision and audio encoders (TFLOP/s of the needed work).
 
-Shapes (REFERENCE.md), bf16 on CUDA:
+Shapes (docs/model.md), bf16 on CUDA:
 * image: a 1280x720 picture as Qwen2.5-VL's processor resizes it (multiples of 28: 1288x728, patch 14 -> a 52x92
   patch grid, 4784 patches, one temporal slice); window layers: 112 px windows (4x4 merged tokens = up to 64
   patches; 7 x 12 windows, the last row and column smaller), full layers: the whole slice; 16 heads x 80.

@@ -1,4 +1,4 @@
-"""Benchmark shapes taken from the real models (REFERENCE.md), shared by the bench scripts."""
+"""Benchmark shapes taken from the real models (docs/model.md), shared by the bench scripts."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Argument checks shared by the front doors: every message names the argument.
 
-Launchers check, kernels compute (STYLE.md). Value-range checks on index tensors need their values, so they
+Launchers check, kernels compute. Value-range checks on index tensors need their values, so they
 run for CPU tensors (outside torch.compile tracing) and for CUDA tensors only with ``OMNI_CHECK_INDICES=1``
 (a host sync per call, which would break CUDA-graph capture and cost a decode step its latency).
 """

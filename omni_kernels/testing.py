@@ -1,6 +1,6 @@
 """Tolerance policy and timing helpers shared by the tests and the benchmarks.
 
-Tolerances (STYLE.md):
+Tolerances:
 * elementwise ops (rotation, copies, activations): the per-dtype table :data:`TOLERANCES`, applied with
   :func:`assert_close`;
 * attention and reductions: flash-attention's rule, :func:`assert_close_to_oracle`: the kernel's error

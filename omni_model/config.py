@@ -714,7 +714,7 @@ class OmniConfig(_Section):
 
     @classmethod
     def preset(cls, name: str) -> OmniConfig:
-        """``"qwen2.5-omni-7b"``, ``"qwen2.5-omni-3b"`` (the published configs) or ``"tiny"`` (REFERENCE.md's
+        """``"qwen2.5-omni-7b"``, ``"qwen2.5-omni-3b"`` (the published configs) or ``"tiny"`` (docs/model.md's
         CPU-sized model). Also accepts ``"Qwen/Qwen2.5-Omni-7B"`` spelled as on the Hub."""
         key = name.strip().lower().removeprefix("qwen/")
         if key not in PRESETS:
@@ -755,7 +755,7 @@ def _qwen25_omni_3b() -> OmniConfig:
 
 
 def _tiny() -> OmniConfig:
-    """REFERENCE.md "A tiny configuration"; what it leaves open takes HF's default (marked "open" below)."""
+    """docs/model.md, "The tiny configuration"; what it leaves open takes HF's default (marked "open" below)."""
     ids = dict(audio_token_id=1, image_token_id=2, video_token_id=3, audio_start_token_id=4, audio_end_token_id=5,
                vision_start_token_id=7, vision_end_token_id=8)
     thinker = ThinkerConfig(
@@ -771,7 +771,7 @@ def _tiny() -> OmniConfig:
     talker = TalkerConfig(
         vocab_size=99, embedding_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, head_dim=8,
         num_key_value_heads=1, mrope_section=(1, 1, 2),
-        intermediate_size=32,  # open in REFERENCE.md (HF's default 18944 is absurd at width 16): 2 x hidden
+        intermediate_size=32,  # not fixed by docs/model.md (HF's default 18944 is absurd at width 16): 2 x hidden
         tts_codec_pad_token_id=92, tts_codec_start_token_id=93, tts_codec_end_token_id=94,
         tts_codec_mask_token_id=96, tts_text_pad_token_id=89, tts_text_start_token_id=90, tts_text_end_token_id=91,
         **ids,

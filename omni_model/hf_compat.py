@@ -111,7 +111,7 @@ def build_tiny_hf_checkpoint(path: str | os.PathLike, *, seed: int = 0, weight_s
     return out, model
 
 
-# Tiny tokenizer: ids 1-8 are the tiny config's media / role ids (REFERENCE.md), 9-12 the chat markers, then one id
+# Tiny tokenizer: ids 1-8 are the tiny config's media / role ids (docs/model.md), 9-12 the chat markers, then one id
 # per character; 85 ids in all, inside the tiny thinker vocab of 99.
 TINY_SPECIAL = {"<|endoftext|>": 0, "<|AUDIO|>": 1, "<|IMAGE|>": 2, "<|VIDEO|>": 3, "<|audio_bos|>": 4,
                 "<|audio_eos|>": 5, "<|vision_bos|>": 7, "<|vision_eos|>": 8, "<|im_start|>": 9, "<|im_end|>": 10}

@@ -6,7 +6,7 @@ transformers 4.57.6 (``Qwen2_5OmniPreTrainedModelForConditionalGeneration.get_ro
 quirks included; HF walks the prompt token by token in Python, this module walks it media segment by media segment
 and builds each segment's ids with ``arange`` and broadcasting.
 
-The rules (REFERENCE.md, "Position ids (TMRoPE)"), per row with the padding removed. A cursor starts at 0; the
+The rules (docs/model.md, "Position ids (TMRoPE)"), per row with the padding removed. A cursor starts at 0; the
 prompt is read as 1-D runs and vision blocks:
 
 * text, a bos/eos token, and a whole audio segment (``audio_bos``, its tokens, ``audio_eos``) take consecutive ids
@@ -52,7 +52,7 @@ _KIND_NAME = {_IMAGE: "image", _VIDEO: "video", _AUDIO: "audio"}
 
 
 def audio_token_count(mel_frames: int) -> int:
-    """Thinker tokens of an audio of ``mel_frames`` mel frames: conv stride 2, then AvgPool(2) (REFERENCE.md)."""
+    """Thinker tokens of an audio of ``mel_frames`` mel frames: conv stride 2, then AvgPool(2) (docs/model.md)."""
     return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
 
 

@@ -7,7 +7,7 @@
 * ``thinker_to_talker_proj`` Linear(E, hidden, bias): applied to every summed input (E) before the decoder.
 * ``codec_head`` Linear(hidden, vocab, no bias).
 
-Inputs (REFERENCE.md "Talker inputs"; HF ``Qwen2_5OmniForConditionalGeneration.generate`` and the talker's
+Inputs (docs/model.md "Talker inputs"; HF ``Qwen2_5OmniForConditionalGeneration.generate`` and the talker's
 ``forward``): the prompt is built by :meth:`Talker.prompt_embeds`, each decode step by :meth:`Talker.step_embeds`;
 both are then projected by :meth:`Talker.project`. The engine (``omni_model.engine``) owns the order.
 Positions: the prompt uses the TMRoPE ids of ``prompt ids + [speaker bos] + [first reply token]``

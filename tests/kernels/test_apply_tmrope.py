@@ -15,11 +15,11 @@ GPU_BACKENDS = [
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# (num_q_heads, num_kv_heads, head_dim, mrope_section, rope_theta), from REFERENCE.md and the HF configs.
+# (num_q_heads, num_kv_heads, head_dim, mrope_section, rope_theta), from docs/model.md and the HF configs.
 THINKER_7B = (28, 4, 128, (16, 24, 24), 1e6)
 THINKER_3B = (16, 2, 128, (16, 24, 24), 1e6)
 TALKER_7B = (12, 4, 128, (16, 24, 24), 1e6)
-# 3B talker: 14 heads x 64, 2 KV heads (REFERENCE.md); mrope (16, 16, 0) is to be confirmed against the
+# 3B talker: 14 heads x 64, 2 KV heads (docs/model.md); mrope (16, 16, 0) is to be confirmed against the
 # checkpoint's config.json (no copy here). Either way it covers head_dim 64 and an empty section.
 TALKER_3B = (14, 2, 64, (16, 16, 0), 1e6)
 TINY_THINKER = (4, 2, 8, (1, 1, 2), 1e6)

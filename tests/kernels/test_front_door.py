@@ -1,4 +1,4 @@
-"""The front doors' call path (issue 7): compiled launchers are :class:`omni_kernels._backend.KernelOp`s that eager
+"""The front doors' call path: compiled launchers are :class:`omni_kernels._backend.KernelOp`s that eager
 calls run directly (no custom-op dispatch), ``torch.compile`` traces as custom ops, and autograd never sees cut
 from the graph; the backend resolver's cache follows ``OMNI_BACKEND`` and ``TRITON_INTERPRET``.
 
@@ -15,7 +15,7 @@ from omni_kernels import _backend, anti_aliased_snake, anti_aliased_snake_ref, s
 from omni_kernels.anti_aliased_snake import kaiser_sinc_filter
 from omni_kernels.testing import skip_unless_backend
 
-# The op files converted to kernel_op (issue 7); ops added later convert on their own schedule.
+# The op files converted to kernel_op; ops added later convert on their own schedule.
 CONVERTED = sorted(_backend.registered())  # every op: its compiled launchers are all kernel ops
 needs_triton_cpu = skip_unless_backend("store_kv_cache", "triton", "cpu")
 

@@ -1,4 +1,4 @@
-"""``omni run`` end to end on the tiny checkpoint (issue #4) and its bad-input cases (issue #7)."""
+"""``omni run`` end to end on the tiny checkpoint and its bad-input cases."""
 
 from __future__ import annotations
 

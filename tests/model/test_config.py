@@ -95,7 +95,7 @@ def test_preset_as_hf_objects(name):
 
 
 def test_published_7b_values():
-    """REFERENCE.md's table for Qwen2.5-Omni-7B."""
+    """docs/model.md's table for Qwen2.5-Omni-7B."""
     cfg = OmniConfig.preset("qwen2.5-omni-7b")
     text, vis, aud = cfg.thinker_config.text_config, cfg.thinker_config.vision_config, cfg.thinker_config.audio_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
@@ -132,7 +132,7 @@ def test_published_3b_values():
 
 
 @pytest.mark.parametrize("name,expected", [
-    # REFERENCE.md: thinker 8.93 B (LM + head 7.62 B, vision 0.68 B, audio 0.64 B), talker 1.35 B, DiT 0.33 B,
+    # docs/model.md: thinker 8.93 B (LM + head 7.62 B, vision 0.68 B, audio 0.64 B), talker 1.35 B, DiT 0.33 B,
     # BigVGAN 0.12 B. The 3B's Hub size is "6B" in all.
     ("qwen2.5-omni-7b", dict(lm=7.62, visual=0.68, audio_tower=0.64, talker=1.35, dit=0.33, bigvgan=0.12)),
     ("qwen2.5-omni-3b", dict(lm=3.40, visual=0.67, audio_tower=0.64, talker=0.38, dit=0.33, bigvgan=0.12)),
@@ -152,7 +152,7 @@ def test_preset_parameter_counts(name, expected):
 
 
 def test_tiny_is_reference_tiny():
-    """REFERENCE.md "A tiny configuration", field by field."""
+    """docs/model.md, "The tiny configuration", field by field."""
     cfg = OmniConfig.preset("tiny")
     th = cfg.thinker_config
     text, vis, aud = th.text_config, th.vision_config, th.audio_config

@@ -2,7 +2,7 @@
 
 Prompts are laid out by HF's processor code (``Qwen2_5OmniProcessor.replace_multimodal_special_tokens`` with a
 stand-in tokenizer side), so the video-with-audio interleaving is the processor's own. The oracle is HF's method,
-bound to the tiny Thinker (REFERENCE.md's tiny configuration) for the hand-written cases and to a namespace carrying
+bound to the tiny Thinker (docs/model.md's tiny configuration) for the hand-written cases and to a namespace carrying
 the attributes the method reads (``spatial_merge_size``, ``config.*_token_id``, ``position_id_per_seconds``,
 ``seconds_per_chunk``) where the property test varies the merge size and the chunking.
 """
@@ -26,7 +26,7 @@ from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5Omni
 
 from omni_model.rope_index import audio_token_count, get_rope_index
 
-# REFERENCE.md's tiny token ids.
+# docs/model.md's tiny token ids.
 AUDIO, IMAGE, VIDEO, AUDIO_BOS, AUDIO_EOS, VISION_BOS, VISION_EOS = 1, 2, 3, 4, 5, 7, 8
 TINY_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, audio_token_id=AUDIO, vision_start_token_id=VISION_BOS,
                 audio_start_token_id=AUDIO_BOS, audio_end_token_id=AUDIO_EOS)
@@ -44,7 +44,7 @@ def text(*ids: int) -> str:
 
 @pytest.fixture(scope="module")
 def hf_thinker():
-    """HF's tiny Thinker (REFERENCE.md "A tiny configuration"); only its get_rope_index is used."""
+    """HF's tiny Thinker (docs/model.md, "The tiny configuration"); only its get_rope_index is used."""
     config = Qwen2_5OmniThinkerConfig(
         text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=37,

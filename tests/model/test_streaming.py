@@ -117,7 +117,7 @@ def test_length_order_and_push_pattern(setup):
     assert all(c.samples == (c.end - c.start) * r * hop for c in streamer.chunks)
     assert all(c.dit_lo % block == 0 and c.dit_lo <= c.start and c.dit_hi >= c.end for c in streamer.chunks)
     assert [(c.start, c.end, c.dit_lo, c.dit_hi) for c in streamer.chunks] == [
-        (0, 48, 0, 60), (48, 96, 24, 108), (96, 150, 72, 150)]  # REFERENCE.md: 48 codes, 24 back, 12 ahead
+        (0, 48, 0, 60), (48, 96, 24, 108), (96, 150, 72, 150)]  # docs/model.md: 48 codes, 24 back, 12 ahead
 
     one_by_one = Token2WavStreamer(model, cond, ref_mel, noise)
     pieces, first_audio_at = [], None
@@ -127,7 +127,7 @@ def test_length_order_and_push_pattern(setup):
             first_audio_at = i + 1
         pieces += out
     pieces += one_by_one.finish()
-    assert first_audio_at == 48 + 12  # REFERENCE.md: the first audio needs 60 codes
+    assert first_audio_at == 48 + 12  # docs/model.md: the first audio needs 60 codes
     np.testing.assert_array_equal(np.concatenate(pieces), at_once)
     np.testing.assert_array_equal(_stream_all(model, codes, cond, ref_mel, noise, push_size=7)[0], at_once)
     assert one_by_one.finish() == []

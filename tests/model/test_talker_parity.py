@@ -9,7 +9,7 @@ TRITON_INTERPRET=1 on CPU), over a paged KV cache with shuffled pages and a part
   codec pad/bos additions, its decode-step ``thinker_reply_part`` handling), against ours built by
   ``prompt_embeds`` / ``prompt_positions`` / ``step_embeds``.
 
-Criterion (issue #4): max |ours - HF| <= 1e-4 * max |HF logits| per step.
+Criterion: max |ours - HF| <= 1e-4 * max |HF logits| per step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad Thinker inputs (issue #3 item 5): each is a clear ValueError raised before any encoder or decoder work.
+"""Bad Thinker inputs: each is a clear ValueError raised before any encoder or decoder work.
 
 "Before work" is enforced: the encoders and the decoder of the model under test raise AssertionError if called.
 """
@@ -167,7 +167,7 @@ def test_attention_mask_shape(no_work):
 
 def test_video_positions_beyond_limit(no_work):
     """Two frames 2000 s apart: temporal id 2 + 50000, the last text token 50004 > 32768. A clear ValueError before
-    any work (REFERENCE.md: on long video prompts HF tries to allocate hundreds of GB instead)."""
+    any work (docs/model.md: on long video prompts HF tries to allocate hundreds of GB instead)."""
     inputs = _video_inputs(no_work.config.thinker_config, grid=(2, 2, 2), seconds=(2000.0,))
     with pytest.raises(ValueError, match="position ids up to 50004, beyond max_position_embeddings 32768"):
         no_work.thinker_logits(**inputs)

@@ -5,7 +5,7 @@ Inputs are built the way the HF processor builds them: prompt text expanded by t
 ``replace_multimodal_special_tokens`` (so the audio-in-video interleaving is HF's), left padding, mel features
 (B_audio, mel, frames) with feature_attention_mask, patches (N, C * tp * p * p) with grids.
 
-Criterion (issue #3): max |ours - HF| over real tokens <= 1e-4 * max |HF logits|. At padded positions HF still
+Criterion: max |ours - HF| over real tokens <= 1e-4 * max |HF logits|. At padded positions HF still
 returns rows (from queries whose every key is padding) that mean nothing; ours are 0 there, and only real tokens
 are compared.
 """

@@ -1,6 +1,6 @@
 """Token2Wav (DiT + flow matching + BigVGAN) against HF transformers 4.57.6 on the tiny checkpoint, in fp32.
 
-Tolerances (issue #4): DiT forward and BigVGAN forward within 1e-5, the waveform from the same codes and initial
+Tolerances: DiT forward and BigVGAN forward within 1e-5, the waveform from the same codes and initial
 noise within 1e-3, relative to the largest magnitude of HF's output (max |ours - HF| <= rel * max |HF|: an
 elementwise relative bound would fail on values that cross zero). Every comparison runs on the torch reference
 ops and on Triton (the CPU interpreter), skipped with the reason where the backend is missing.
