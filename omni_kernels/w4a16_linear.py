@@ -70,10 +70,15 @@ def pack_w4a16(q: torch.Tensor) -> torch.Tensor:
     if q.dim() != 2 or q.shape[0] % KBLOCK:
         raise ValueError(f"q must be (K, N) with K a multiple of {KBLOCK}, got shape {tuple(q.shape)}")
     k, n = q.shape
-    slots = q.to(torch.int64).reshape(k // KBLOCK, KBLOCK, n)[:, _row_of_slot(q.device)]  # (K/32, 32 slots, N)
-    nibbles = slots.reshape(k // 8, 8, n)
-    shifts = (4 * torch.arange(8, device=q.device, dtype=torch.int64)).view(1, 8, 1)
-    words = (nibbles << shifts).sum(1)  # < 2**32
+    # One nibble position at a time (a load-time transient of two (K/8, N) int64 tensors, not eight): nibble i of
+    # word row 4b + t comes from row 32b + row_of_slot[8t + i].
+    word_rows = torch.arange(k // 8, device=q.device)
+    base = KBLOCK * (word_rows // 4)
+    slot = 8 * (word_rows % 4)
+    row_of_slot = _row_of_slot(q.device)
+    words = torch.zeros(k // 8, n, dtype=torch.int64, device=q.device)
+    for i in range(8):
+        words |= q[base + row_of_slot[slot + i]].to(torch.int64) << (4 * i)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
 
 
