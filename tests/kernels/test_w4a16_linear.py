@@ -38,10 +38,9 @@ def _case(m, k, n, group_size, dtype, device, *, zeros=True, perm=False, bias=Tr
 
 
 def _oracle(x, args, group_size):
-    """fp64 on the CPU, from the very same scales and zeros (so the only errors are the kernels' roundings)."""
-    cpu = {name: (t.cpu().double() if t is not None and t.is_floating_point() else (t.cpu() if t is not None else
-                  None)) for name, t in args.items()}
-    return w4a16_linear_ref(x.cpu().double(), group_size=group_size, **cpu)
+    """fp64 (on the device of x), from the very same scales and zeros: the only errors are the kernels' roundings."""
+    wide = {name: (t.double() if t is not None and t.is_floating_point() else t) for name, t in args.items()}
+    return w4a16_linear_ref(x.double(), group_size=group_size, **wide).cpu()
 
 
 def _check(backend, x, args, group_size, msg=""):
@@ -50,8 +49,7 @@ def _check(backend, x, args, group_size, msg=""):
     assert out.shape == (x.shape[0], n) and out.dtype == x.dtype and out.is_contiguous(), msg
     oracle = _oracle(x, args, group_size)
     # The same torch math in the kernel's precision: the weight rounded to x's dtype, one low-precision matmul.
-    torch_lowp = w4a16_linear_ref(x.cpu(), group_size=group_size,
-                                  **{k: (t.cpu() if t is not None else None) for k, t in args.items()})
+    torch_lowp = w4a16_linear_ref(x, group_size=group_size, **args).cpu()
     err, ref_err = assert_close_to_oracle(out.cpu(), torch_lowp, oracle, name=f"{backend} {msg}")
     print(f"{backend} {msg}: error {err:.3e}, torch {ref_err:.3e}")
     return out
