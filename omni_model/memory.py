@@ -5,7 +5,8 @@ Thinker decoder of a quantized checkpoint included, cast to the model dtype, Tok
 of its parameters and buffers; the KV cache is given per token. ``python -m omni_model.memory`` prints the table
 (README, "Quantized checkpoints")::
 
-    python -m omni_model.memory --preset qwen2.5-omni-7b --quant awq
+    python -m omni_model.memory --preset qwen2.5-omni-7b            # bf16, AWQ and GPTQ side by side
+    python -m omni_model.memory --quant awq --no-audio               # one layout, every part in bytes
 
 What it does not hold: activations, the transient buffers of a step, the CUDA context and allocator slack; the GPU
 peak of a real run is measured by ``scripts/int4_peak_memory.py``.
@@ -23,7 +24,7 @@ from omni_model.config import OmniConfig
 from omni_model.layers.quant_linear import W4A16Linear, quantize_decoder_
 from omni_model.quant import QuantConfig
 
-__all__ = ["MemoryReport", "PUBLISHED_QUANT", "model_memory"]
+__all__ = ["MemoryReport", "PUBLISHED_QUANT", "compare_table", "model_memory"]
 
 # The published int4 checkpoints' layouts as our memory figures assume them: group size 128; AWQ keeps a zero point
 # per group, symmetric GPTQ none (its zero points are all 8 and the loader drops them).
@@ -115,13 +116,32 @@ def model_memory(config: OmniConfig, quantization: QuantConfig | None = None, *,
     return MemoryReport(tuple(parts), tuple(kv), dtype, quantization)
 
 
+def compare_table(config: OmniConfig, *, enable_audio_output: bool = True) -> str:
+    """One Markdown table of the float (bf16) model and the published AWQ and GPTQ layouts, in GB (10^9 bytes)."""
+    reports = [model_memory(config, q, enable_audio_output=enable_audio_output)
+               for q in (None, *PUBLISHED_QUANT.values())]
+    lines = ["| part | bf16 | AWQ int4 | GPTQ int4 |", "|---|---:|---:|---:|"]
+    for i, (name, _) in enumerate(reports[0].parts):
+        label = name.replace(" (bfloat16)", "")
+        lines.append(f"| {label} | " + " | ".join(f"{r.parts[i][1] / 1e9:.2f}" for r in reports) + " |")
+    lines.append("| **weights, total** | " + " | ".join(f"**{r.weights / 1e9:.2f}**" for r in reports) + " |")
+    for name, b in reports[0].kv_per_token:
+        lines.append(f"| KV cache per {name} token (MB) | " + " | ".join([f"{b / 1e6:.4f}"] * 3) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen2.5-omni-7b")
-    parser.add_argument("--quant", choices=["none", *PUBLISHED_QUANT], default="awq")
+    parser.add_argument("--quant", choices=["all", "none", *PUBLISHED_QUANT], default="all",
+                        help="one layout (bytes of every part), or 'all': bf16, AWQ and GPTQ side by side")
     parser.add_argument("--no-audio", action="store_true", help="without the Talker and Token2Wav")
     args = parser.parse_args(argv)
-    report = model_memory(OmniConfig.preset(args.preset), None if args.quant == "none" else PUBLISHED_QUANT[args.quant],
+    config = OmniConfig.preset(args.preset)
+    if args.quant == "all":
+        print(compare_table(config, enable_audio_output=not args.no_audio))
+        return 0
+    report = model_memory(config, None if args.quant == "none" else PUBLISHED_QUANT[args.quant],
                           enable_audio_output=not args.no_audio)
     print(report.table())
     return 0
