@@ -141,9 +141,10 @@ def split_k(n_programs: int, k_tiles: int, num_sms: int, max_tiles: int | None =
     return per, -(-k_tiles // per)
 
 
-def _block_k(group_size: int) -> int:
-    """Rows per Triton K tile: the largest of 128, 64, 32 that divides the group (one group per tile)."""
-    return next(b for b in (128, 64, 32) if group_size % b == 0)
+def _block_k(group_size: int, cap: int = 128) -> int:
+    """Rows per Triton K tile: the largest of 128, 64, 32 (at most ``cap``) that divides the group (one group per
+    tile)."""
+    return next(b for b in (128, 64, 32) if b <= cap and group_size % b == 0)
 
 
 # ------------------------------------------------------------------------------------------------ triton
@@ -250,14 +251,14 @@ def _w4a16_linear_triton(
     n = qweight.shape[1]
     if m == 0:
         return out
-    block_k = _block_k(group_size)
-    num_tiles = k // block_k
     cpu = x.device.type == "cpu"
     if m <= GEMV_MAX_M:  # decode: one 16-row tile, K split over programs
-        block_m, block_n, warps, stages = 16, 64, 4, 4
+        block_m, block_n, block_k, warps, stages = 16, 64, _block_k(group_size), 4, 4
+        num_tiles = k // block_k
         tiles_per_split, splits = split_k(triton.cdiv(n, block_n), num_tiles, _num_sms(x.device))
-    else:  # prefill: a GEMM tile per program, the whole K
-        block_m, block_n, warps, stages = 64, 64 if cpu else 128, 4, 3
+    else:  # prefill: a GEMM tile per program, the whole K (64 x 128 x 64: the dequantized tile stays in registers)
+        block_m, block_n, block_k, warps, stages = 64, 64 if cpu else 128, _block_k(group_size, 64), 8, 3
+        num_tiles = k // block_k
         tiles_per_split, splits = num_tiles, 1
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else None
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)

@@ -426,7 +426,9 @@ class OmniModel(nn.Module):
             raise CheckpointError(f"checkpoint {path}: {len(stray)} tensor(s) outside every known part "
                                   f"({', '.join(known)}): {', '.join(stray)}", unexpected=stray)
         model = cls._build(config, names, device, dtype, backend, quantization)
-        state = load_state_dict(path, prefixes=[PARTS[n].prefix for n in names], device=device)
+        # Read on the host and copied in tensor by tensor: the device holds the model once, never a second copy of
+        # the checkpoint (an int4 7B fits a 24 GB card; the int4 linears are repacked on the device one at a time).
+        state = load_state_dict(path, prefixes=[PARTS[n].prefix for n in names], device="cpu")
         with torch.no_grad():
             for n in names:
                 part = getattr(model, n)

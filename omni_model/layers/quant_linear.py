@@ -63,8 +63,9 @@ class W4A16Linear(nn.Module):
     @torch.no_grad()
     def load_quantized(self, shards: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> None:
         """Repacks the checkpoint tensors of each shard (``names``: their checkpoint Linears) into the buffers."""
+        device = self.scales.device  # the checkpoint may sit on the host: repack where the model lives
+        shards = [{name: t.to(device) for name, t in shard.items()} for shard in shards]
         packed = repack(self.config, shards, names, in_features=self.in_features, dtype=self.scales.dtype)
-        device = self.scales.device
         self.qweight = packed.qweight.to(device)
         self.scales = packed.scales.to(device)
         self.zeros = None if packed.zeros is None else packed.zeros.to(device)

@@ -452,3 +452,22 @@ def test_memory_figures_of_the_7b():
         assert int4 == linear_params // 2 + 2 * groups * (2 if zeros else 1) + 2 * bias
         assert report.weights == float_report.weights - parts["thinker LM decoder linears (bfloat16)"] + int4
     assert dict(float_report.kv_per_token)["thinker"] == 2 * 28 * 4 * 128 * 2
+
+
+def test_from_config_builds_random_int4_weights():
+    """OmniModel.from_config(..., quantization=...) (benchmarks, the peak-memory script): random int4 decoder
+    linears of the float init's scale, deterministic by seed, and the whole pipeline runs on them."""
+    cfg = quantizable_config()
+    quant = QuantConfig("gptq", 32, sym=True, desc_act=True)
+    a, b = (OmniModel.from_config(cfg, device="cpu", dtype=torch.float32, quantization=quant, seed=5)
+            for _ in range(2))
+    int4 = [m for m in a.thinker.model.modules() if isinstance(m, W4A16Linear)]
+    assert a.quantization == quant and len(int4) == 4 * cfg.thinker_config.text_config.num_hidden_layers
+    assert all(m.zeros is None and m.perm is not None for m in int4)
+    inputs = prompt(cfg)
+    la, lb = a.thinker_logits(**inputs), b.thinker_logits(**inputs)
+    assert torch.equal(la, lb) and torch.isfinite(la).all() and la.abs().max() > 0
+    out = a.generate(**inputs, thinker_max_new_tokens=3, talker_max_new_tokens=8, seed=0)
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 3 and out.audio[0].size > 0
+    with pytest.raises(ValueError, match="quantization_config.group_size = 128"):
+        OmniModel.from_config(cfg, device="cpu", dtype=torch.float32, quantization=QuantConfig("awq", 128, sym=False))
