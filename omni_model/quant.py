@@ -21,6 +21,7 @@ into the layout of ``omni_kernels.w4a16_linear``. docs/quantization.md documents
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -61,7 +62,8 @@ class QuantConfig:
     """A supported ``quantization_config``: 4-bit weights in groups of ``group_size`` input rows (-1: all of them).
 
     ``sym``: every zero point is 8 (GPTQ sym). ``desc_act``: GPTQ's act-order, where ``g_idx`` may reorder the
-    groups. ``modules_to_not_convert`` (AWQ) / ``modules_in_block_to_quantize`` (GPTQ) select linears by name.
+    groups. ``modules_to_not_convert`` (any method, as transformers reads it) / ``modules_in_block_to_quantize``
+    (GPTQ) select linears by name.
     """
 
     method: str  # "awq" | "gptq"
@@ -84,12 +86,14 @@ class QuantConfig:
         bits = d.get("bits", d.get("w_bit"))
         if bits != 4 or isinstance(bits, bool):
             raise _refuse("bits", bits, "only 4-bit weights are supported")
-        group_size = d.get("group_size", d.get("q_group_size", 128 if method == "awq" else -1))
+        group_size = d.get("group_size", d.get("q_group_size", 128))  # transformers' AwqConfig / GPTQConfig default
         if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
             raise _refuse("group_size", group_size, "must be a positive int or -1 (one group per input row span)")
-        if method == "awq":
-            return cls._awq(d, group_size)
-        return cls._gptq(d, group_size)
+        skip = d.get("modules_to_not_convert") or ()
+        if isinstance(skip, str) or not all(isinstance(name, str) for name in skip):
+            raise _refuse("modules_to_not_convert", skip, "must be a list of module names")
+        config = cls._awq(d, group_size) if method == "awq" else cls._gptq(d, group_size)
+        return dataclasses.replace(config, modules_to_not_convert=tuple(skip))
 
     @classmethod
     def _awq(cls, d: Mapping[str, Any], group_size: int) -> QuantConfig:
@@ -103,10 +107,7 @@ class QuantConfig:
         backend = d.get("backend", "autoawq")
         if backend not in (None, "autoawq"):
             raise _refuse("backend", backend, "only the AutoAWQ layout is supported (llm-awq packs differently)")
-        skip = d.get("modules_to_not_convert") or ()
-        if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
-            raise _refuse("modules_to_not_convert", skip, "must be a list of module names")
-        return cls("awq", group_size, sym=False, modules_to_not_convert=tuple(skip))
+        return cls("awq", group_size, sym=False)
 
     @classmethod
     def _gptq(cls, d: Mapping[str, Any], group_size: int) -> QuantConfig:
@@ -136,12 +137,14 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` JSON form (what AutoAWQ / GPTQModel write, less their bookkeeping)."""
         if self.method == "awq":
-            return {"quant_method": "awq", "bits": 4, "group_size": self.group_size, "version": "gemm",
-                    "zero_point": True, "modules_to_not_convert": list(self.modules_to_not_convert) or None}
-        d = {"quant_method": "gptq", "bits": 4, "group_size": self.group_size, "sym": self.sym,
-             "desc_act": self.desc_act, "checkpoint_format": "gptq"}
+            d = {"quant_method": "awq", "bits": 4, "group_size": self.group_size, "version": "gemm",
+                 "zero_point": True}
+        else:
+            d = {"quant_method": "gptq", "bits": 4, "group_size": self.group_size, "sym": self.sym,
+                 "desc_act": self.desc_act, "checkpoint_format": "gptq"}
         if self.modules_in_block_to_quantize is not None:
             d["modules_in_block_to_quantize"] = [list(self.modules_in_block_to_quantize)]
+        d["modules_to_not_convert"] = list(self.modules_to_not_convert) or None
         return d
 
     def group_for(self, in_features: int) -> int:
@@ -197,10 +200,10 @@ class QuantConfig:
                 names = [f"{DECODER_PREFIX}{layer}.{parent}.{s}" for s in shards]
                 chosen = {n: self.quantizes(n) for n in names}
                 if len(set(chosen.values())) > 1:
-                    field = ("modules_to_not_convert" if self.method == "awq" else "modules_in_block_to_quantize")
-                    value = (self.modules_to_not_convert if self.method == "awq"
-                             else self.modules_in_block_to_quantize)
-                    raise _refuse(field, list(value), f"it quantizes only some of the fused projections {chosen}")
+                    field = ("modules_in_block_to_quantize" if self.modules_in_block_to_quantize is not None
+                             else "modules_to_not_convert")
+                    raise _refuse(field, list(getattr(self, field)),
+                                  f"it quantizes only some of the fused projections {chosen}")
 
 
 def read_quantization_config(path: str | os.PathLike) -> QuantConfig | None:

@@ -43,6 +43,8 @@ LAYOUTS = {  # name -> (quantization_config, asymmetric zero points allowed from
                    "checkpoint_format": "gptq"}, 1),  # v1 stores zero - 1: a zero point of 0 cannot be written
     "gptq-desc-act": ({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": True,
                        "checkpoint_format": "gptq"}, None),
+    "awq-float-mlp1": ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True,
+                        "modules_to_not_convert": ["layers.1.mlp"]}, 0),  # layer 1's MLP stays float
 }
 
 
@@ -122,6 +124,8 @@ def write_quantized(src, dst, layout: str, seed: int = 0):
         g_idx_by_input = {}  # desc_act: one row order per input (q/k/v and gate/up share theirs, as in GPTQ)
         for proj in PROJS:
             key = f"thinker.model.layers.{i}.{proj}"
+            if any(skip in key for skip in qconfig.get("modules_to_not_convert") or ()):
+                continue  # left float, as AutoAWQ leaves the modules it does not convert
             w = state.pop(f"{key}.weight")
             k = w.shape[1]
             g_idx = None
@@ -134,7 +138,7 @@ def write_quantized(src, dst, layout: str, seed: int = 0):
                     g_idx_by_input[share][torch.randperm(k, generator=gen)] = torch.arange(k) // g
                 g_idx = g_idx_by_input[share]
             q, z, s, g_idx, deq = quantize(w, qconfig["group_size"], zero_from, g_idx)
-            packed = pack_awq(q, z, s) if layout == "awq" else pack_gptq(q, z, s, g_idx)
+            packed = pack_awq(q, z, s) if qconfig["quant_method"] == "awq" else pack_gptq(q, z, s, g_idx)
             state.update({f"{key}.{name}": t.contiguous() for name, t in packed.items()})
             dequantized[f"{key}.weight"] = deq.float()
     dst.mkdir(parents=True)
@@ -194,7 +198,8 @@ def test_logits_and_greedy_reply_match_hf_dequantized(checkpoints, layout):
     ours = OmniModel.from_pretrained(path, device="cpu", dtype=torch.float32, backend="torch",
                                      enable_audio_output=False)
     int4 = [m for m in ours.thinker.model.modules() if isinstance(m, W4A16Linear)]
-    assert len(int4) == 4 * ours.config.thinker_config.text_config.num_hidden_layers
+    layers = ours.config.thinker_config.text_config.num_hidden_layers
+    assert len(int4) == 4 * layers - (2 if layout == "awq-float-mlp1" else 0)
     assert all((m.zeros is None) == LAYOUTS[layout][0].get("sym", False) for m in int4)
     assert all((m.perm is not None) == LAYOUTS[layout][0].get("desc_act", False) for m in int4)
     inputs = prompt(ours.config)
