@@ -13,7 +13,8 @@ shards of a fused projection (q/k/v, gate/up, in ``omni_model.weights.FUSED_SHAR
 into the layout of ``omni_kernels.w4a16_linear``. docs/quantization.md documents both layouts with their sources:
 
 * AWQ GEMM: ``qweight`` int32 (K, N/8), nibble i of word c is column 8c + (0, 2, 4, 6, 1, 3, 5, 7)[i];
-  ``qzeros`` int32 (K/g, N/8) packed the same way; ``scales`` (K/g, N); ``W[k, n] = (q - z) * s``.
+  ``qzeros`` int32 (K/g, N/8) packed the same way; ``scales`` (K/g, N);
+  ``W[n, k] = (q[k, n] - z[k // g, n]) * s[k // g, n]``.
 * GPTQ v1 (``checkpoint_format`` gptq): ``qweight`` int32 (K/8, N), nibble i of word r is row 8r + i; ``qzeros``
   int32 (K/g, N/8), nibble i of word c is column 8c + i and holds the zero point minus one; ``scales`` (K/g, N);
   ``g_idx`` int32 (K,), the group of each row (not monotonic with ``desc_act``).

@@ -220,6 +220,19 @@ def test_logits_and_greedy_reply_match_hf_dequantized(checkpoints, layout):
     assert torch.equal(out.sequences, hf_ids), (out.sequences, hf_ids)
 
 
+def test_greedy_reply_on_triton(checkpoints):
+    """desc_act through the Triton kernels in the model: the prefill's GEMM and the decode steps' split-K GEMV
+    (batch 1) give HF's greedy ids on the dequantized weights."""
+    path, hf = checkpoints["gptq-desc-act"]
+    ours = OmniModel.from_pretrained(path, device="cpu", dtype=torch.float32, backend="triton",
+                                     enable_audio_output=False)
+    inputs = prompt(ours.config, seed=3)
+    with torch.no_grad():
+        hf_ids = hf.generate(**inputs, thinker_max_new_tokens=4, return_audio=False)
+    out = ours.generate(**inputs, thinker_max_new_tokens=4, return_audio=False)
+    assert torch.equal(out.sequences, getattr(hf_ids, "sequences", hf_ids))
+
+
 def test_int4_changes_the_model(checkpoints, float_checkpoint):
     """The dequantized weights differ from the float ones enough to change the logits: the parity above is the
     int4 model's, not the float checkpoint's by accident."""
