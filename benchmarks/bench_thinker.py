@@ -32,6 +32,20 @@ provider, recorded instead of stopping the bench).
 On CPU (or ``quick``): the tiny preset on CPU (fp32, a few steps, HF included when transformers imports); on
 CUDA with ``quick`` the preset at batch 1 with fewer steps.
 
+Int4 (issue 13; :func:`run_int4`): the same LM with its decoder linears random int4 (AWQ-style zero points, group
+128; ``omni_model.layers.quant_linear``), next to the float model at the same shapes, in the same run:
+
+* ``thinker_decode_int4``: batch 1 decode, providers ``omni-float`` (the float decoder, as ``omni``) and
+  ``omni-int4`` (backend None: the op's default), on CUDA also ``omni-int4-cuda`` / ``omni-int4-triton`` (the
+  int4 linears, and every other op, on one compiled backend). ``gbps`` counts each provider's own weight bytes,
+  so for the int4 rows ``pct_of_copy_bw`` / ``pct_of_spec_bw`` are the share of the int4 weight-bytes roofline;
+  ``speedup`` is against ``omni-float`` (tokens/s ratio; the issue's target is 2.5x).
+* ``thinker_prefill_int4``: one prefill of 2048 tokens (CPU: 64) at batch 1, ms per prefill, the same providers;
+  ``speedup`` against ``omni-float`` (the target is 0.8x or better).
+
+On CPU the tiny LM's SwiGLU width 37 is not a multiple of 32, so the int4 section widens it to 64 (group 32) for
+both its float and int4 rows.
+
 The helpers below (random init on the device, the timed decode loop, HF generate timing, weight copy into HF)
 are shared with ``bench_talker``.
 """
@@ -39,6 +53,7 @@ are shared with ``bench_talker``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import time
 import warnings
@@ -53,6 +68,7 @@ from omni_kernels.testing import (
     bench_main,
     copy_bandwidth_gbps,
     device_name,
+    do_bench,
     make_record,
     quantiles,
     set_speedups,
@@ -61,8 +77,10 @@ from omni_kernels.testing import (
 from omni_model.config import OmniConfig
 from omni_model.engine.runner import DecoderRunner, RunnerConfig
 from omni_model.layers.backend import use_backend
+from omni_model.layers.quant_linear import init_random_int4_, quantize_decoder_
 from omni_model.layers.sampler import SamplingParams, SamplingRows, sample
 from omni_model.models.thinker import ThinkerTextModel
+from omni_model.quant import QuantConfig
 from omni_model.weights import checkpoint_plan
 
 SEED = 0
@@ -585,13 +603,134 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
                             pad_token_id=eos[0] if eos else None)
 
     name = short_name(preset)
-    return run_providers(
+    records = run_providers(
         bench="thinker_decode",
         label=lambda b: f"thinker-{name} B={b} prompt={plan.prompt} steps={plan.steps}",
         decoder=model, spec=spec, plan=plan, max_model_len=text.max_position_embeddings, dtype=dtype,
         device=dev, roof=roof, hf_factory=lambda: _hf_thinker(cfg, model, lm_head, dtype, dev),
         hf_kwargs=hf_kwargs,
     )
+    float_model = (model, lm_head) if dev.type == "cuda" else None  # CPU: tiny's widths do not pack as int4
+    del spec
+    return records + run_int4(dev, plan, name, text, dtype, prompts, stops, float_model=float_model)
+
+
+# --------------------------------------------------------------------------------------- int4 (issue 13)
+
+
+def module_bytes(*modules: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
+    """Bytes of the parameters and buffers (the int4 linears keep their weights in buffers)."""
+    skipped = {id(t) for m in skip for t in (*m.parameters(), *m.buffers())}
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            if id(t) not in skipped and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def build_int4_decoder(text, quant: QuantConfig, *, dtype: torch.dtype, device: torch.device,
+                       seed: int) -> ThinkerTextModel:
+    """The Thinker LM with random int4 decoder linears (unit gain, as :func:`init_random_`), built on meta and
+    materialised on ``device`` (no float copy of the linears ever exists)."""
+    with torch.device("meta"):
+        module = ThinkerTextModel(text)
+    quantize_decoder_(module, quant)
+    module = module.to(dtype=dtype).to_empty(device=device)
+    init_random_(module, seed)
+    init_random_int4_(module, std=None, generator=torch.Generator(device=device).manual_seed(seed + 2))
+    return module.requires_grad_(False).eval()
+
+
+def _spec(decoder: nn.Module, lm_head: nn.Linear, prompts: list[list[int]], vocab: int, stops: set[int],
+          device: torch.device) -> DecodeSpec:
+    return DecodeSpec(
+        decoder=decoder,
+        prompt_ids=lambda b: prompts[:b],
+        prefill_inputs=lambda b: decoder.embed_tokens(torch.tensor(prompts[:b], device=device).flatten()),
+        step_inputs=lambda ids, step: decoder.embed_tokens(ids),
+        logits=lambda h: lm_head(h).float(),
+        allowed=allowed_mask(vocab, stops, device),
+    )
+
+
+@torch.inference_mode()
+def prefill_once(runner: DecoderRunner, decoder: nn.Module, ids: list[int]) -> torch.Tensor:
+    """One prefill of ``ids`` at batch 1 over the runner's cache, blocks freed afterwards."""
+    seq = runner.allocate(len(ids))
+    try:
+        positions = torch.arange(len(ids), device=runner.device).expand(3, -1)
+        return runner.prefill([seq], decoder.embed_tokens(torch.tensor(ids, device=runner.device)), positions)
+    finally:
+        runner.free(seq)
+
+
+def run_int4(dev: torch.device, plan: Plan, name: str, text, dtype: torch.dtype, prompts: list[list[int]],
+             stops: set[int], *, float_model: tuple[nn.Module, nn.Linear] | None = None) -> list[Record]:
+    """Batch-1 decode and a 2048-token prefill of the int4 LM against the float LM at the same shapes (see the
+    module docstring). ``float_model``: the (decoder, lm_head) already built at these shapes, or None."""
+    cuda = dev.type == "cuda"
+    group = 128 if cuda else 32
+    if not cuda:
+        text = dataclasses.replace(text, intermediate_size=64)
+    quant = QuantConfig("awq", group, sym=False)
+    quant.check_model(text)
+    if float_model is None:
+        float_model = (build_random(lambda: ThinkerTextModel(text), dtype=dtype, device=dev, seed=SEED),
+                       build_random(lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False), dtype=dtype,
+                                    device=dev, seed=SEED + 1))
+    float_decoder, lm_head = float_model
+    int4_decoder = build_int4_decoder(text, quant, dtype=dtype, device=dev, seed=SEED)
+    plan = dataclasses.replace(plan, batches=(1,))
+    prefill_tokens = 2048 if cuda else 64
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv = 2 * text.num_hidden_layers * text.kv_size * elem
+    head = module_bytes(lm_head)
+    providers = [("omni-float", float_decoder, None)] + [("omni-int4", int4_decoder, None)]
+    if cuda:
+        providers += [("omni-int4-cuda", int4_decoder, "cuda"), ("omni-int4-triton", int4_decoder, "triton")]
+    label = f"thinker-{name} B=1 prompt={plan.prompt} steps={plan.steps} int4 g={group}"
+    prefill_label = f"thinker-{name} prefill T={prefill_tokens} int4 g={group}"
+    gen = torch.Generator().manual_seed(SEED + 5)
+    prefill_ids = safe_ids(text.vocab_size, stops, prefill_tokens, gen)
+    records: list[Record] = []
+    for provider, decoder, backend in providers:
+        weights = module_bytes(decoder, skip=(decoder.embed_tokens,)) + head
+        roof = device_roofline(dev, lambda b, w=weights: w + b * text.hidden_size * elem, kv)
+        spec = _spec(decoder, lm_head, prompts, text.vocab_size, stops, dev)
+        runner = None
+        try:
+            runner = make_runner(decoder, graphs=True, plan=plan, max_model_len=text.max_position_embeddings,
+                                 dtype=dtype, device=dev)
+            with use_backend(backend):
+                result = time_runner(runner, spec, plan, 1)
+            records.append(decode_record(bench="thinker_decode_int4", provider=provider, shape=label, dtype=dtype,
+                                         device=dev, batch=1, plan=plan, roof=roof, result=result))
+        except Exception as exc:  # a provider's failure is a record, not a crash
+            records.append(decode_record(bench="thinker_decode_int4", provider=provider, shape=label, dtype=dtype,
+                                         device=dev, batch=1, plan=plan, roof=roof, error=error_text(exc)))
+        finally:
+            runner = None
+            release_runner()
+        try:
+            prefill_plan = Plan(prompt=prefill_tokens, steps=0, batches=(1,), reps=1)
+            runner = make_runner(decoder, graphs=False, plan=prefill_plan, max_model_len=text.max_position_embeddings,
+                                 dtype=dtype, device=dev)
+            with use_backend(backend):
+                timing = do_bench(lambda r=runner, d=decoder: prefill_once(r, d, prefill_ids), device=dev,
+                                  warmup=2, rep=10 if cuda else 3, flush_l2=False, max_seconds=20.0)
+            records.append(make_record(bench="thinker_prefill_int4", provider=provider, shape=prefill_label,
+                                       dtype=dtype, device=dev, timing=timing, weight_gb=weights / 1e9,
+                                       tokens_per_s=prefill_tokens / (timing[1] * 1e-3)))
+        except Exception as exc:
+            records.append(make_record(bench="thinker_prefill_int4", provider=provider, shape=prefill_label,
+                                       dtype=dtype, device=dev, timing=None, error=error_text(exc)))
+        finally:
+            runner = None
+            release_runner()
+    return set_speedups(records, "omni-float")
 
 
 if __name__ == "__main__":

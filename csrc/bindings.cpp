@@ -41,6 +41,10 @@ void add_rms_norm(const TensorRef& x, const std::optional<TensorRef>& residual, 
                   const TensorRef& normed, const std::optional<TensorRef>& new_residual, double eps,
                   std::uintptr_t stream);
 void silu_and_mul(const TensorRef& gate_up, const TensorRef& out, std::uintptr_t stream);
+void w4a16_linear(const TensorRef& x, const TensorRef& qweight, const TensorRef& scales,
+                  const std::optional<TensorRef>& zeros, const std::optional<TensorRef>& perm,
+                  const std::optional<TensorRef>& bias, const TensorRef& out, const std::optional<TensorRef>& partial,
+                  int64_t group_size, int64_t blocks_per_split, std::uintptr_t stream);
 
 void ensure_device() {
   static std::once_flag once;
@@ -128,4 +132,7 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_and_mul", &omni::silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("w4a16_linear", &omni::w4a16_linear, py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+        py::arg("perm"), py::arg("bias"), py::arg("out"), py::arg("partial"), py::arg("group_size"),
+        py::arg("blocks_per_split"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

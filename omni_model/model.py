@@ -25,10 +25,12 @@ from omni_model.engine.engine import OmniEngine
 from omni_model.engine.runner import DecoderRunner, RunnerConfig
 from omni_model.inputs import prepare_thinker_prompt
 from omni_model.layers.backend import normalize_backend, use_backend
+from omni_model.layers.quant_linear import init_random_int4_, quantize_decoder_
 from omni_model.loader import CheckpointError, checkpoint_files, load_speakers, load_state_dict, random_speakers
 from omni_model.models.talker import Talker
 from omni_model.models.thinker import Thinker
 from omni_model.models.token2wav import Token2Wav
+from omni_model.quant import QuantConfig, read_quantization_config
 from omni_model.weights import load_module
 
 # The transient cache of ``thinker_logits``: tokens per block (any size works; the engine's is EngineConfig's).
@@ -79,6 +81,7 @@ class OmniModel(nn.Module):
         for name in PARTS:
             setattr(self, name, parts.get(name))
         self.speakers: dict[str, dict] = {}  # name -> {"cond", "ref_mel", "bos_token"} (spk_dict.pt)
+        self.quantization: QuantConfig | None = None  # int4 Thinker decoder (config.json's quantization_config)
         self.eos_token_ids: tuple[int, ...] | None = None  # generation_config.json's; None: the config's
         if engine_config is not None and not isinstance(engine_config, EngineConfig):
             raise TypeError(f"engine_config must be an EngineConfig, got {type(engine_config).__name__}")
@@ -117,7 +120,8 @@ class OmniModel(nn.Module):
 
     @classmethod
     def _build(cls, config: OmniConfig, names: list[str], device: torch.device, dtype: torch.dtype,
-               backend: str | None, engine_config: EngineConfig | None) -> OmniModel:
+               backend: str | None, engine_config: EngineConfig | None,
+               quantization: QuantConfig | None = None) -> OmniModel:
         parts = {}
         for n in names:
             part = PARTS[n]
@@ -127,8 +131,12 @@ class OmniModel(nn.Module):
             else:
                 with torch.device("meta"):
                     module = part.build(config)
+                if quantization is not None and n == "thinker":  # int4 linears in the decoder (omni_model.quant)
+                    quantize_decoder_(module.model, quantization)
                 parts[n] = module.to_empty(device=device).to(dtype)
-        return cls(config, parts, backend=backend, engine_config=engine_config)
+        model = cls(config, parts, backend=backend, engine_config=engine_config)
+        model.quantization = quantization
+        return model
 
     @classmethod
     def from_config(
@@ -141,13 +149,18 @@ class OmniModel(nn.Module):
         seed: int = 0,
         enable_audio_output: bool = True,
         engine_config: EngineConfig | None = None,
+        quantization: QuantConfig | None = None,
     ) -> OmniModel:
         """Random weights, deterministic for a seed on a given device: N(0, initializer_range) for matrices and
         embeddings, ones for norm scales, zeros for biases (HF's init rule), so activations stay O(1). Token2Wav
-        keeps torch's default initialisation (fp32). Random speakers stand in for ``spk_dict.pt``."""
+        keeps torch's default initialisation (fp32). Random speakers stand in for ``spk_dict.pt``. With
+        ``quantization``, the Thinker decoder's linears are random int4 (of the same standard deviation)."""
         device = torch.device(device)
         torch.manual_seed(seed)
-        model = cls._build(config, cls._wanted(enable_audio_output), device, dtype, backend, engine_config)
+        if quantization is not None:
+            quantization.check_model(config.thinker_config.text_config)
+        model = cls._build(config, cls._wanted(enable_audio_output), device, dtype, backend, engine_config,
+                           quantization)
         std = getattr(config.thinker_config, "initializer_range", 0.02)
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
@@ -158,6 +171,7 @@ class OmniModel(nn.Module):
                     p.fill_(1.0 if name.endswith("weight") else 0.0)
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
+            init_random_int4_(model, std=std, generator=gen)
         model._init_buffers()
         if model.token2wav is not None:
             model.speakers = random_speakers(config, seed=seed)
@@ -178,8 +192,13 @@ class OmniModel(nn.Module):
         ``enable_audio_output=False`` are not read at all), ``spk_dict.pt`` when the model speaks, and the stop ids
         of ``generation_config.json`` when present. A tensor outside every part's prefix, or a missing,
         unexpected or mis-shaped one inside a part read, is a :class:`~omni_model.loader.CheckpointError` (a
-        ValueError) naming it."""
+        ValueError) naming it. An int4 checkpoint (``quantization_config``: AWQ GEMM or GPTQ v1, see
+        :mod:`omni_model.quant`) gets an int4 Thinker decoder; an unsupported layout is a ValueError naming the
+        field and its value, raised before any weight is read."""
         config = OmniConfig.from_pretrained(path)
+        quantization = read_quantization_config(path)
+        if quantization is not None:
+            quantization.check_model(config.thinker_config.text_config)
         device = torch.device(device)
         names = cls._wanted(enable_audio_output)
         known = tuple(p.prefix for p in PARTS.values())
@@ -187,8 +206,10 @@ class OmniModel(nn.Module):
         if stray:
             raise CheckpointError(f"checkpoint {path}: {len(stray)} tensor(s) outside every known part "
                                   f"({', '.join(known)}): {', '.join(stray)}", unexpected=stray)
-        model = cls._build(config, names, device, dtype, backend, engine_config)
-        state = load_state_dict(path, prefixes=[PARTS[n].prefix for n in names], device=device)
+        model = cls._build(config, names, device, dtype, backend, engine_config, quantization)
+        # Read on the host and copied in tensor by tensor: the device holds the model once, never a second copy of
+        # the checkpoint (an int4 7B fits a 24 GB card; the int4 linears are repacked on the device one at a time).
+        state = load_state_dict(path, prefixes=[PARTS[n].prefix for n in names], device="cpu")
         with torch.no_grad():
             for n in names:
                 part = getattr(model, n)

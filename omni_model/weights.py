@@ -5,7 +5,11 @@ Our parameter names mirror the checkpoint's under each part's prefix, with two k
 * fused matmuls (:class:`~omni_model.layers.mlp.MergedLinear`): one parameter built from several checkpoint
   tensors stacked along dim 0, in the order of :data:`FUSED_SHARDS` (weights and biases alike);
 * reshaped tensors: a module's ``checkpoint_shapes`` names a parameter stored in another shape with the same
-  elements (the ViT's Conv3d patch embedding, ours a Linear over the flattened patch).
+  elements (the ViT's Conv3d patch embedding, ours a Linear over the flattened patch);
+* quantized linears (:class:`~omni_model.layers.quant_linear.W4A16Linear`, int4 checkpoints): per checkpoint
+  Linear (or shard of a fused one), the tensors :data:`QUANTIZED_TENSORS` names replace ``weight``; the module's
+  ``quantized_checkpoint_shapes`` gives their shapes and its ``load_quantized`` repacks them (biases stay float
+  parameters, fused like any other).
 
 Loading checks every tensor under the prefix (``omni_model.loader.check_state_dict``): missing, unexpected or
 mis-shaped ones are one error naming them.
@@ -29,15 +33,22 @@ FUSED_SHARDS: dict[str, tuple[str, ...]] = {
     "to_qkv": ("to_q", "to_k", "to_v"),  # Token2Wav DiT attention
 }
 
+# quantization_config.quant_method -> the tensors that replace ``weight`` in each quantized checkpoint Linear.
+QUANTIZED_TENSORS: dict[str, tuple[str, ...]] = {
+    "awq": ("qweight", "qzeros", "scales"),  # AutoAWQ GEMM
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),  # GPTQ v1 (AutoGPTQ / GPTQModel checkpoint_format "gptq")
+}
+
 
 @dataclass(frozen=True)
 class Target:
     """Where one checkpoint tensor goes: rows [start, stop) of parameter ``param`` (all rows when start is None)."""
 
-    param: str
+    param: str  # for a quantized tensor: the quantized module's name
     shape: tuple[int, ...]  # the checkpoint tensor's shape
     start: int | None = None
     stop: int | None = None
+    quantized: tuple[int, str] | None = None  # (shard index, tensor name) of a quantized linear's tensor
 
 
 def checkpoint_plan(module: nn.Module, prefix: str = "") -> dict[str, Target]:
@@ -45,8 +56,14 @@ def checkpoint_plan(module: nn.Module, prefix: str = "") -> dict[str, Target]:
     plan: dict[str, Target] = {}
     for name, mod in module.named_modules():
         attr = name.rsplit(".", 1)[-1]
-        fused = isinstance(mod, MergedLinear) and attr in FUSED_SHARDS
+        fused = (isinstance(mod, MergedLinear) or hasattr(mod, "quantized_checkpoint_shapes")) and attr in FUSED_SHARDS
         reshaped = getattr(mod, "checkpoint_shapes", {})
+        if hasattr(mod, "quantized_checkpoint_shapes"):
+            base = name[: len(name) - len(attr)]
+            shards = FUSED_SHARDS[attr] if fused else (attr,)
+            for i, (shard, shapes) in enumerate(zip(shards, mod.quantized_checkpoint_shapes(), strict=True)):
+                for tensor, shape in shapes.items():
+                    plan[f"{prefix}{base}{shard}.{tensor}"] = Target(name, shape, quantized=(i, tensor))
         for pname, param in mod.named_parameters(recurse=False):
             ours = f"{name}.{pname}" if name else pname
             if fused:
@@ -75,8 +92,17 @@ def load_module(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, 
     check_state_dict({k: t.shape for k, t in plan.items()}, found,
                      what=f"checkpoint part {what or prefix.rstrip('.') or type(module).__name__!r}")
     params = dict(module.named_parameters())
+    quantized: dict[str, dict[int, dict[str, tuple[str, torch.Tensor]]]] = {}
     for key, target in plan.items():
+        if target.quantized is not None:
+            shard, tensor = target.quantized
+            quantized.setdefault(target.param, {}).setdefault(shard, {})[tensor] = (key, found[key])
+            continue
         dest = params[target.param]
         if target.start is not None:
             dest = dest[target.start : target.stop]
         dest.copy_(found[key].reshape(dest.shape))
+    for name, shards in quantized.items():
+        ordered = [shards[i] for i in range(len(shards))]
+        names = [next(iter(t.values()))[0].rsplit(".", 1)[0] for t in ordered]
+        module.get_submodule(name).load_quantized([{k: v for k, (_, v) in t.items()} for t in ordered], names)
