@@ -573,4 +573,6 @@ class OmniEngine:
         return out
 
     def _outputs(self) -> list[RequestOutput]:
-        return [self._emit(r) for r in list(self._requests.values()) if r.changed]
+        with self._ids_lock:  # add_request may insert from another thread meanwhile
+            changed = [r for r in self._requests.values() if r.changed]
+        return [self._emit(r) for r in changed]
