@@ -50,8 +50,8 @@ def decode_audio(raw: bytes, fmt: str, *, param: str) -> np.ndarray:
     from omni_model.demo import resample
 
     try:
-        samples, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True,
-                                format="MP3" if fmt == "mp3" else None)
+        # libsndfile reads the container from the bytes themselves; ``fmt`` only names it in errors.
+        samples, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise APIError(f"{param}: the data could not be decoded as {fmt} audio ({exc})", param=param,
                        code="invalid_audio") from exc
