@@ -185,3 +185,29 @@ class ScriptedEngine:
         self.finish_reasons[req.rid] = reason
         return Output(req.rid, [], np.zeros(0, np.float32), finished=True, finish_reason=reason,
                       stage_times=dict(req.times), num_prompt_tokens=len(req.ids), num_cached_tokens=req.cached)
+
+
+def main(argv: list[str]) -> None:
+    """``python scripted_engine.py PORT PROCESSOR_DIR``: the real server front (``omni serve``'s uvicorn, SIGTERM
+    drain included) over this engine, for the tests that need a server process of their own."""
+    from omni_model import OmniConfig
+    from omni_model.serve.app import ServerContext, build_app
+    from omni_model.serve.async_engine import AsyncEngine
+    from omni_model.serve.cli import serve
+    from omni_model.serve.metrics import ServerMetrics
+    from omni_model.serve.prompt import PromptBuilder
+
+    port, processor = int(argv[0]), argv[1]
+    metrics = ServerMetrics()
+    engine = AsyncEngine(ScriptedEngine(step_s=0.02, reply_tokens=40), max_num_seqs=8, max_waiting=8,
+                         metrics=metrics)
+    builder = PromptBuilder.from_pretrained(processor, OmniConfig.preset("tiny").thinker_config)
+    ctx = ServerContext(model_name="tiny", engine=engine, builder=builder, metrics=metrics,
+                        speakers=["Chelsie", "Ethan"])
+    serve(build_app(ctx), ctx, host="127.0.0.1", port=port, shutdown_timeout=30, log_level="warning")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

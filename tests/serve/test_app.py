@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,12 +22,14 @@ from scripted_engine import ScriptedEngine
 from serve_helpers import (
     InProcessServer,
     audio_part,
+    free_port,
     image_part,
     metric,
     pcm_of_events,
     pcm_of_wav,
     sse_events,
     tone,
+    wait_health,
     wav_file,
 )
 
@@ -357,3 +363,39 @@ def test_sse_payloads_are_single_lines(served):
     blocks = [b for b in raw.split("\n\n") if b]
     assert all(b.startswith("data: ") and "\n" not in b for b in blocks)
     assert json.loads(blocks[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_sigterm_drains_then_exits(tiny_processor):
+    """``omni serve``'s uvicorn front in a process of its own: after SIGTERM a stream under way completes, new
+    connections are refused, and the process exits 0."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    script = Path(__file__).with_name("scripted_engine.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(tiny_processor)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_health(url, timeout=120, proc=proc)
+        body = {"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "bye"}],
+                "modalities": ["text", "audio"]}
+        with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = next(ln for ln in lines if ln.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with httpx.Client(timeout=10) as other:
+                with pytest.raises(httpx.ConnectError):
+                    other.get(f"{url}/health")
+            rest = list(lines)
+        events = sse_events([first, *rest])
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "stop"
+        assert len(_text_of(events)) == 40  # the whole reply, not cut by the shutdown
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def _text_of(events) -> str:
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict)
+                   and e.get("choices"))
