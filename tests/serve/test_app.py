@@ -399,3 +399,30 @@ def test_sigterm_drains_then_exits(tiny_processor):
 def _text_of(events) -> str:
     return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict)
                    and e.get("choices"))
+
+
+def test_serving_client_load_generator(served):
+    from omni_benchmarks.serving_client import parse_mix, run_http, summarize
+
+    server, engine, _ = served
+    before = len(engine.added)
+    records = run_http(server.url, num_requests=9, rate=100.0, mix="text:1,audio:1,image:1", seed=3, image_size=56,
+                       extra_body={"talker_temperature": 0})
+    assert len(records) == 9 and all(r["ok"] for r in records), [r["error"] for r in records]
+    assert len(engine.added) == before + 9
+    assert {r["kind"] for r in records} <= {"text", "audio", "image"} and len({r["kind"] for r in records}) > 1
+    for r in records:
+        assert 0 < r["ttft_s"] <= r["latency_s"] and 0 < r["ttfa_s"] <= r["latency_s"]
+        assert r["audio_s"] == pytest.approx(12 * 480 / 24000)  # the scripted engine's 12 chunks
+        assert r["rtf"] == pytest.approx(r["latency_s"] / r["audio_s"]) and r["text_tokens"] == 12
+        assert r["server_ttfa_ms"] is not None
+    summary = summarize(records)
+    assert summary["ok"] == 9 and summary["failed"] == 0
+    assert summary["ttfa_s"]["p50"] <= summary["ttfa_s"]["p99"] <= summary["ttfa_s"]["max"]
+    assert summary["audio_s_per_s"] > 0 and summary["text_tokens_per_s"] > 0
+    assert parse_mix("text:3,audio:1") == {"text": 0.75, "audio": 0.25}
+    with pytest.raises(ValueError, match="kinds"):
+        parse_mix("video:1")
+    failed = run_http(server.url, num_requests=2, rate=float("inf"), mix="text:1", model="nope")
+    assert not any(r["ok"] for r in failed) and all(r["status"] == 404 for r in failed)
+    assert summarize(failed)["failed"] == 2
