@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omni_model.demo import SYSTEM_PROMPT
 from omni_model.serve.async_engine import AsyncEngine, QueueFull, RequestStream
-from omni_model.serve.media import MediaPolicy, decode_audio, decode_base64, decode_image, read_url
+from omni_model.serve.media import MediaPolicy, decode_audio, decode_base64, decode_image, decode_video, read_url
 from omni_model.serve.metrics import SAMPLE_RATE, ServerMetrics
 from omni_model.serve.prompt import IncrementalDetokenizer, PromptBuilder, Turn
 from omni_model.serve.protocol import (
@@ -157,8 +157,9 @@ def _turns(messages: list[Message], ctx: ServerContext) -> list[Turn]:
                 raw = read_url(part.image_url.url, param=url, kind="image", policy=ctx.policy)
                 parts.append(("image", decode_image(raw, ctx.builder.image_rule, param=url, policy=ctx.policy)))
             else:
-                raise APIError(f"{p}: video input is not supported by this server yet", param=p,
-                               code="unsupported_content")
+                url = f"{p}.video_url.url"
+                raw = read_url(part.video_url.url, param=url, kind="video", policy=ctx.policy)
+                parts.append(("video", decode_video(raw, ctx.builder.video_rule, param=url, policy=ctx.policy)))
         turns.append(Turn(role, parts))
     return turns
 

@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests that may wait beyond --max-num-seqs; one more gets 429 at once")
     p.add_argument("--allowed-local-media-path", default=None,
-                   help="allow image/video URLs that are local paths under this folder (default: data: URLs only)")
+                   help="allow image and video URLs that are local paths under this folder (default: data: URLs only)")
     p.add_argument("--max-image-pixels", type=int, default=7680 * 4320,
-                   help="larger images are refused with a 400 before decoding")
+                   help="larger images (and video frames) are refused with a 400 before decoding")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -9,6 +9,10 @@ says to send a ``data:`` URL instead (the server may run where it must not reach
   otherwise cut the rest off without a word.
 * Images: anything Pillow reads, refused above ``max_image_pixels`` before it is decoded (the size is in the file
   header), converted to RGB and resized the way Qwen2-VL's image processor resizes (:func:`smart_resize`).
+* Videos: any container and codec FFmpeg reads (through PyAV), frames sampled at 2 per second as Qwen2.5-Omni's
+  own preprocessing (qwen-omni-utils) samples them, an even count from 4 to 768, each resized by
+  :func:`smart_resize` within a per-frame budget that shrinks as the frames grow in number. The audio track is not
+  used (``use_audio_in_video`` is not offered). At most ten minutes per video.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ from omni_model.serve.protocol import APIError
 
 AUDIO_RATE = 16000  # the audio encoder's input rate (Whisper features)
 MAX_AUDIO_SECONDS = 30.0
+MAX_VIDEO_SECONDS = 600.0
+# Video sampling of qwen-omni-utils (Qwen's preprocessing for Qwen2.5-Omni): 2 frames a second, an even number of
+# frames (the vision encoder's temporal patch) from 4 to 768, and at most about 90% of 128000 * 28 * 28 pixels over
+# all frames of a video.
+VIDEO_FPS = 2.0
+VIDEO_MIN_FRAMES, VIDEO_MAX_FRAMES = 4, 768
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 
 
 def decode_base64(data: str, *, param: str) -> bytes:
@@ -170,3 +181,91 @@ def decode_image(raw: bytes, rule: ImageRule, *, param: str, policy: MediaPolicy
     if (th, tw) != (h, w):
         rgb = rgb.resize((tw, th), resample=Image.Resampling.BICUBIC)
     return np.array(rgb, dtype=np.uint8)  # a writable copy (torch.from_numpy of it follows)
+
+
+# ---------------------------------------------------------------------------------------------------- videos
+
+
+@dataclass(frozen=True)
+class VideoRule:
+    """The checkpoint's video-processor settings (``video_preprocessor_config.json``); per-frame pixel bounds
+    default to those of transformers' Qwen2.5-Omni processor (128 and 768 tokens of 28 x 28 pixels)."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+
+
+def sample_indices(total_frames: int, video_fps: float) -> list[int]:
+    """Frame indices at about :data:`VIDEO_FPS` per second: an even count in [4, 768] (at most the frames there
+    are, rounded down to even, when that is 2 or more), spread evenly from the first frame to the last."""
+    factor = 2
+    wanted = round(total_frames / video_fps * VIDEO_FPS / factor) * factor
+    upper = max(factor, min(VIDEO_MAX_FRAMES, total_frames) // factor * factor)
+    n = min(max(wanted, VIDEO_MIN_FRAMES), upper)
+    return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
+
+
+def decode_video(raw: bytes, rule: VideoRule, *, param: str, policy: MediaPolicy) -> tuple[np.ndarray, float]:
+    """(frames (T, H, W, 3) uint8 resized for the vision encoder, seconds per temporal patch of the sampled
+    frames)."""
+    try:
+        import av
+    except ImportError as exc:
+        raise APIError(f"{param}: this server cannot decode video (install PyAV: pip install av)", param=param,
+                       code="unsupported_content") from exc
+    from PIL import Image
+
+    try:
+        total, rate = _count_frames(av, raw, param=param, policy=policy)
+        if total / rate > MAX_VIDEO_SECONDS:
+            raise APIError(f"{param}: the video is {total / rate:.0f} s long; at most {MAX_VIDEO_SECONDS:.0f} s are "
+                           "accepted", param=param, code="video_too_long")
+        idx = sample_indices(total, rate)
+        wanted = set(idx)
+        kept: dict[int, np.ndarray] = {}
+        with av.open(io.BytesIO(raw)) as container:  # second pass: only the sampled frames are converted and kept
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i in wanted:
+                    kept[i] = frame.to_ndarray(format="rgb24")
+    except APIError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise APIError(f"{param}: the data is not a video FFmpeg can read ({exc})", param=param,
+                       code="invalid_video") from exc
+    if not kept:
+        raise APIError(f"{param}: the video holds no frames", param=param, code="empty_media")
+    last = kept[max(kept)]
+    frames = [kept.get(i, last) for i in idx]  # a stream shorter than its header said repeats its last frame
+    sampled_fps = len(idx) / total * rate
+    h, w = frames[0].shape[:2]
+    budget = max(min(rule.max_pixels, VIDEO_TOTAL_PIXELS / len(idx) * rule.temporal_patch_size),
+                 int(rule.min_pixels * 1.05))
+    try:
+        th, tw = smart_resize(h, w, factor=rule.patch_size * rule.merge_size, min_pixels=rule.min_pixels,
+                              max_pixels=int(budget))
+    except ValueError as exc:
+        raise APIError(f"{param}: the video could not be used ({exc})", param=param, code="invalid_video") from exc
+    out = np.stack([np.array(Image.fromarray(f).resize((tw, th), resample=Image.Resampling.BICUBIC))
+                    if (th, tw) != (h, w) else f for f in frames])
+    return out, rule.temporal_patch_size / sampled_fps
+
+
+def _count_frames(av, raw: bytes, *, param: str, policy: MediaPolicy) -> tuple[int, float]:
+    """(frames, frames per second) of the first video stream, checking the frame size first. Frames are counted as
+    the stream's packets (one frame each; nothing is decoded), since container headers may omit the count."""
+    with av.open(io.BytesIO(raw)) as container:
+        if not container.streams.video:
+            raise APIError(f"{param}: the file has no video stream", param=param, code="invalid_video")
+        stream = container.streams.video[0]
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if w * h > policy.max_image_pixels:
+            raise APIError(f"{param}: the video is {w}x{h} = {w * h} pixels a frame, above the server's limit of "
+                           f"{policy.max_image_pixels}", param=param, code="image_too_large")
+        rate = float(stream.average_rate or stream.guessed_rate or 0.0) or VIDEO_FPS
+        total = sum(1 for _ in container.demux(stream) if _.size)  # packets of frame data: one frame each
+    if total == 0:
+        raise APIError(f"{param}: the video holds no frames", param=param, code="empty_media")
+    return total, rate

@@ -20,14 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from omni_model.processor import IMAGE_MEAN, IMAGE_STD, audio_token_count, image_patches, log_mel_features
-from omni_model.serve.media import ImageRule
+from omni_model.processor import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    audio_token_count,
+    image_patches,
+    log_mel_features,
+    video_patches,
+)
+from omni_model.serve.media import ImageRule, VideoRule
 
 
 @dataclass
 class Turn:
-    """One message: its role and its parts, each ("text", str), ("audio", 16 kHz float32 samples) or ("image",
-    (H, W, 3) uint8 already resized by :func:`omni_model.serve.media.smart_resize`)."""
+    """One message: its role and its parts, each ("text", str), ("audio", 16 kHz float32 samples), ("image",
+    (H, W, 3) uint8 already resized by :func:`omni_model.serve.media.smart_resize`) or ("video", ((T, H, W, 3) uint8
+    frames likewise resized, seconds per temporal patch))."""
 
     role: str
     parts: list[tuple[str, Any]]
@@ -47,19 +55,20 @@ def load_chat_template(path: Path, tokenizer) -> str:
     raise ValueError(f"{path} has no chat template (chat_template.jinja, chat_template.json or the tokenizer's)")
 
 
-def load_image_rule(path: Path) -> ImageRule:
-    """The image processor's settings from ``preprocessor_config.json`` (both the ``min_pixels`` / ``max_pixels``
-    keys and the newer ``size: {shortest_edge, longest_edge}`` spelling); the defaults where it is absent."""
-    file = path / "preprocessor_config.json"
+def load_image_rule(path: Path, *, file_name: str = "preprocessor_config.json", kind: type = ImageRule):
+    """The image (or, with ``video_preprocessor_config.json`` and :class:`VideoRule`, video) processor's settings
+    (both the ``min_pixels`` / ``max_pixels`` keys and the newer ``size: {shortest_edge, longest_edge}`` spelling);
+    the defaults where the file is absent."""
+    file = path / file_name
     if not file.is_file():
-        return ImageRule()
+        return kind()
     cfg = json.loads(file.read_text())
     for key, ours in (("image_mean", IMAGE_MEAN), ("image_std", IMAGE_STD)):
         if key in cfg and not np.allclose(cfg[key], ours, atol=1e-6):
             raise ValueError(f"{file}: {key} {cfg[key]} differs from the CLIP values {ours} this server uses")
     size = cfg.get("size") or {}
-    default = ImageRule()
-    return ImageRule(
+    default = kind()
+    return kind(
         patch_size=int(cfg.get("patch_size", default.patch_size)),
         merge_size=int(cfg.get("merge_size", default.merge_size)),
         temporal_patch_size=int(cfg.get("temporal_patch_size", default.temporal_patch_size)),
@@ -73,14 +82,17 @@ class PromptBuilder:
 
     ``thinker_config`` gives the placeholder ids and the number of mel bins; ``image_rule`` the patching."""
 
-    def __init__(self, tokenizer, chat_template: str, thinker_config, image_rule: ImageRule):
+    def __init__(self, tokenizer, chat_template: str, thinker_config, image_rule: ImageRule,
+                 video_rule: VideoRule | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.config = thinker_config
         self.image_rule = image_rule
-        if image_rule.merge_size != thinker_config.vision_config.spatial_merge_size:
-            raise ValueError(f"preprocessor merge_size {image_rule.merge_size} differs from the vision encoder's "
-                             f"spatial_merge_size {thinker_config.vision_config.spatial_merge_size}")
+        self.video_rule = video_rule or VideoRule()
+        for rule in (self.image_rule, self.video_rule):
+            if rule.merge_size != thinker_config.vision_config.spatial_merge_size:
+                raise ValueError(f"processor merge_size {rule.merge_size} differs from the vision encoder's "
+                                 f"spatial_merge_size {thinker_config.vision_config.spatial_merge_size}")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, thinker_config) -> PromptBuilder:
@@ -88,7 +100,8 @@ class PromptBuilder:
 
         path = Path(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(tokenizer, load_chat_template(path, tokenizer), thinker_config, load_image_rule(path))
+        return cls(tokenizer, load_chat_template(path, tokenizer), thinker_config, load_image_rule(path),
+                   load_image_rule(path, file_name="video_preprocessor_config.json", kind=VideoRule))
 
     def render(self, turns: list[Turn], *, system_prompt: str | None = None) -> str:
         """The prompt text, one placeholder per media item, ending with the assistant's turn opening.
@@ -104,14 +117,16 @@ class PromptBuilder:
 
     def build(self, turns: list[Turn], *, system_prompt: str | None = None) -> dict[str, torch.Tensor]:
         """The engine's inputs for one conversation (batch 1): ``input_ids`` (1, L), ``attention_mask``, and where
-        media are present ``input_features`` (n_audio, mel, 3000), ``feature_attention_mask``, ``pixel_values``
-        and ``image_grid_thw`` (n_image, 3)."""
+        media are present ``input_features`` (n_audio, mel, 3000), ``feature_attention_mask``, ``pixel_values``,
+        ``image_grid_thw`` (n_image, 3), ``pixel_values_videos``, ``video_grid_thw`` (n_video, 3) and
+        ``video_second_per_grid`` (n_video,)."""
         cfg = self.config
         audios = [v for t in turns for kind, v in t.parts if kind == "audio"]
         images = [v for t in turns for kind, v in t.parts if kind == "image"]
+        videos = [v for t in turns for kind, v in t.parts if kind == "video"]
         ids = self.tokenizer(self.render(turns, system_prompt=system_prompt))["input_ids"]
         inputs: dict[str, torch.Tensor] = {}
-        repeats = {cfg.audio_token_id: [], cfg.image_token_id: []}
+        repeats = {cfg.audio_token_id: [], cfg.image_token_id: [], cfg.video_token_id: []}
         if audios:
             feats, mask = log_mel_features(audios, n_mels=cfg.audio_config.num_mel_bins)
             inputs["input_features"], inputs["feature_attention_mask"] = feats, mask
@@ -122,6 +137,13 @@ class PromptBuilder:
                                          temporal_patch_size=rule.temporal_patch_size)
             inputs["pixel_values"], inputs["image_grid_thw"] = pixels, grid
             repeats[cfg.image_token_id] = [int(g.prod()) // rule.merge_size**2 for g in grid]
+        if videos:
+            rule = self.video_rule
+            pixels, grid = video_patches([frames for frames, _ in videos], patch_size=rule.patch_size,
+                                         merge_size=rule.merge_size, temporal_patch_size=rule.temporal_patch_size)
+            inputs["pixel_values_videos"], inputs["video_grid_thw"] = pixels, grid
+            inputs["video_second_per_grid"] = torch.tensor([seconds for _, seconds in videos], dtype=torch.float32)
+            repeats[cfg.video_token_id] = [int(g.prod()) // rule.merge_size**2 for g in grid]
         expanded: list[int] = []
         seen = {tok: 0 for tok in repeats}
         for tok in ids:

@@ -119,3 +119,25 @@ class InProcessServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def mp4_bytes(frames: int = 25, fps: int = 10, height: int = 48, width: int = 64) -> bytes:
+    """An MPEG-4 video whose frame i is a flat grey of level 10 * i (so a decoded frame tells its index)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 10 * i % 250, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def video_part(**kw) -> dict:
+    return {"type": "video_url",
+            "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(mp4_bytes(**kw)).decode()}}

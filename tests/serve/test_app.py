@@ -29,6 +29,7 @@ from serve_helpers import (
     pcm_of_wav,
     sse_events,
     tone,
+    video_part,
     wait_health,
     wav_file,
 )
@@ -426,3 +427,20 @@ def test_serving_client_load_generator(served):
     failed = run_http(server.url, num_requests=2, rate=float("inf"), mix="text:1", model="nope")
     assert not any(r["ok"] for r in failed) and all(r["status"] == 404 for r in failed)
     assert summarize(failed)["failed"] == 2
+
+
+def test_video_request(served):
+    pytest.importorskip("av")
+    server, engine, _ = served
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [video_part(frames=20, fps=10),
+                                                                        {"type": "text", "text": "what moves?"}]}]}
+    assert _chat(server.url, body).status_code == 200
+    inputs, _ = engine.added[-1]
+    assert inputs["video_grid_thw"].tolist()[0][0] == 2  # 2 s at 2 frames a second, 2 frames a patch
+    assert inputs["pixel_values_videos"].shape[0] == int(inputs["video_grid_thw"].prod())
+    junk = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(b"x" * 64).decode()}}
+    _error(_chat(server.url, {"model": "tiny", "messages": [{"role": "user", "content": [junk]}]}), 400,
+           "messages[0].content[0].video_url.url", "invalid_video")
+    system_video = {"model": "tiny", "messages": [{"role": "system", "content": [video_part()]},
+                                                  {"role": "user", "content": "hi"}]}
+    _error(_chat(server.url, system_video), 400, "messages[0].content[0]", "unsupported_content")

@@ -166,3 +166,49 @@ def test_incremental_detokenizer_multibyte():
     pieces.append(detok.flush())
     assert "".join(pieces) == text == detok.text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_video_patches_equal_hf():
+    """Our temporal patching equals the Qwen2-VL processor's (odd frame counts repeat the last frame)."""
+    from transformers import Qwen2VLImageProcessor
+
+    from omni_model.processor import video_patches
+
+    video = np.random.default_rng(0).integers(0, 255, (5, 56, 84, 3), dtype=np.uint8)
+    hf = Qwen2VLImageProcessor()
+    theirs, grid = hf._preprocess(list(video), do_resize=False, do_rescale=True, rescale_factor=1 / 255,
+                                  do_normalize=True, image_mean=hf.image_mean, image_std=hf.image_std, patch_size=14,
+                                  temporal_patch_size=2, merge_size=2, do_convert_rgb=False, size=hf.size,
+                                  resample=hf.resample)
+    ours, ours_grid = video_patches([video])
+    assert ours_grid.tolist() == [list(grid)] == [[3, 4, 6]]
+    torch.testing.assert_close(ours, torch.from_numpy(theirs).float(), atol=1e-6, rtol=0)
+
+
+def test_decode_video_samples_two_frames_a_second(builder):
+    pytest.importorskip("av")
+    from serve_helpers import mp4_bytes
+
+    from omni_model.serve.media import VideoRule, decode_video, sample_indices
+
+    rule = builder.video_rule
+    frames, seconds = decode_video(mp4_bytes(frames=30, fps=10), rule, param="v", policy=MediaPolicy())
+    # 3 s at 10 fps -> 6 frames at 2 fps, spread over frames 0..29
+    assert frames.shape[0] == 6 and frames.dtype == np.uint8
+    assert frames.shape[1] % 28 == 0 and frames.shape[2] % 28 == 0
+    assert frames.shape[1] * frames.shape[2] <= rule.max_pixels
+    levels = frames[:, frames.shape[1] // 2, frames.shape[2] // 2, 0].astype(int)
+    expected = np.array(sample_indices(30, 10.0)) * 10 % 250
+    assert np.abs(levels - expected).max() <= 6  # lossy codec: near the frame's own grey level
+    assert seconds == pytest.approx(1.0)  # 2 frames per patch at 2 frames a second
+    assert sample_indices(1, 30.0) == [0, 0] and len(sample_indices(30 * 600, 30.0)) == 768
+    with pytest.raises(APIError, match="not a video"):
+        decode_video(b"\x00" * 100, VideoRule(), param="v", policy=MediaPolicy())
+    with pytest.raises(APIError, match="pixels a frame"):
+        decode_video(mp4_bytes(frames=2), rule, param="v", policy=MediaPolicy(max_image_pixels=100))
+    turns = [Turn("user", [("video", (frames, seconds)), ("text", "what happens?")])]
+    inputs = builder.build(turns)
+    grid = inputs["video_grid_thw"]
+    assert grid.tolist() == [[3, frames.shape[1] // 14, frames.shape[2] // 14]]
+    assert int((inputs["input_ids"] == 3).sum()) == int(grid.prod()) // 4  # <|VIDEO|> once per merged patch
+    assert inputs["video_second_per_grid"].tolist() == [pytest.approx(seconds)]
