@@ -11,6 +11,7 @@
 | ``omni_text_tokens_total`` | counter | text tokens made |
 | ``omni_audio_seconds_total`` | counter | seconds of 24 kHz audio made |
 | ``omni_prefix_cache_hit_tokens_total`` | counter | prompt tokens served from the prefix cache |
+| ``omni_requests_finished_total{reason}`` | counter | finished requests by ``finish_reason`` (stop, length, ...) |
 
 Blocks that only the prefix cache keeps (evictable) count as free, as the engine reports them.
 """
@@ -46,6 +47,8 @@ class ServerMetrics:
         self.audio_seconds = Counter("omni_audio_seconds", "Seconds of audio generated", registry=r)
         self.prefix_hits = Counter("omni_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                    registry=r)
+        self.finished = Counter("omni_requests_finished", "Finished requests by finish_reason", ["reason"],
+                                registry=r)
         self._audio_samples: dict[str, int] = {}  # per request in flight (engine thread only)
 
     def observe_stats(self, stats: dict[str, Any]) -> None:
@@ -66,6 +69,7 @@ class ServerMetrics:
         if not out.finished:
             return
         total = self._audio_samples.pop(out.request_id, 0)
+        self.finished.labels(reason=out.finish_reason or "stop").inc()
         times = out.stage_times or {}
         if "first_token" in times:
             self.ttft.observe(times["first_token"] / 1000.0)

@@ -36,9 +36,10 @@ if not hasattr(omni_model, "EngineConfig"):
     pytest.skip("the engine (OmniEngine, EngineConfig) is not in this tree yet", allow_module_level=True)
 
 MAX_SEQS = 32
-# Short greedy replies: a few text tokens and enough codes for a first audio chunk and a last one.
+# Short greedy replies: a few text tokens and enough codes for a first audio chunk and a last one. The seed fixes the
+# noise Token2Wav starts from (drawn afresh for each request without one).
 GREEDY = {"max_tokens": 6, "temperature": 0, "talker_temperature": 0, "talker_max_tokens": 24,
-          "first_chunk_codes": 8}
+          "first_chunk_codes": 8, "seed": 0}
 SPOKEN = {"model": "tiny", "modalities": ["text", "audio"], "audio": {"voice": "Chelsie", "format": "wav"}, **GREEDY}
 
 
@@ -88,7 +89,7 @@ def test_openai_client_streamed_equals_whole(server):
     url, _ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     messages = [{"role": "user", "content": [audio_part(tone(1.0)), {"type": "text", "text": "hello"}]}]
-    extra = {k: GREEDY[k] for k in ("talker_temperature", "talker_max_tokens", "first_chunk_codes")}
+    extra = {k: GREEDY[k] for k in ("talker_temperature", "talker_max_tokens", "first_chunk_codes", "seed")}
 
     text_only = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
     assert text_only.choices[0].message.audio is None
@@ -98,7 +99,7 @@ def test_openai_client_streamed_equals_whole(server):
                                            modalities=["text", "audio"], audio={"voice": "Ethan", "format": "wav"},
                                            extra_body=extra)
     message = whole.choices[0].message
-    assert message.content == message.audio.transcript == text_only.choices[0].message.content
+    assert message.content == message.audio.transcript  # (not the text-only reply: speech adds a system prompt)
     wav = pcm_of_wav(message.audio.data)
     assert wav.size > 0
     assert whole.usage.model_extra["timings"]["ttfa_ms"] > 0
@@ -153,6 +154,7 @@ def test_32_streams_8_hang_up(server):
     for events in solo:
         assert events[-1] == "[DONE]" and pcm_of_events(events[:-1]).size > 0
     results: dict[int, list] = {}
+    aborted0 = _finished(url, "abort")
 
     def client(i: int) -> None:
         results[i] = _stream(url, bodies[i % 4], disconnect_after=2 if i % 4 == 1 else None)
@@ -169,7 +171,10 @@ def test_32_streams_8_hang_up(server):
         ref = solo[i % 4]
         assert events[-1] == "[DONE]", i
         assert _text(events) == _text(ref), i
-        assert np.array_equal(pcm_of_events(events), pcm_of_events(ref)), i
+        # The same samples to fp32 rounding: a batched DiT solve may round differently from a solo one, which moves
+        # a sample across a 16-bit step now and then.
+        got, want = pcm_of_events(events).astype(np.int32), pcm_of_events(ref).astype(np.int32)
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1, i
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         health = httpx.get(f"{url}/health").json()
@@ -181,9 +186,17 @@ def test_32_streams_8_hang_up(server):
     assert stats["thinker_free_blocks"] == stats["thinker_total_blocks"]
     assert stats["talker_free_blocks"] == stats["talker_total_blocks"]
     text = httpx.get(f"{url}/metrics").text
+    assert _finished(url, "abort") - aborted0 == 8  # the clients that hung up were aborted, not run to the end
     assert metric(text, "omni_kv_blocks_used", 'decoder="thinker"') == 0
     assert metric(text, "omni_kv_blocks_used", 'decoder="talker"') == 0
     assert _chat(url, {**SPOKEN, "messages": [{"role": "user", "content": "still there?"}]}).status_code == 200
+
+
+def _finished(url: str, reason: str) -> float:
+    try:
+        return metric(httpx.get(f"{url}/metrics").text, "omni_requests_finished_total", f'reason="{reason}"')
+    except KeyError:  # no request has finished so yet
+        return 0.0
 
 
 def test_second_turn_reuses_the_cache(server):
