@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import logging
+import re
 import time
 import wave
 from collections.abc import AsyncIterator
@@ -207,9 +208,12 @@ def _options(req: ChatCompletionRequest, voice: str | None) -> dict:
 def _engine_error(exc: ValueError, options: dict) -> APIError:
     """The engine's ValueError from add_request as a 400 naming the request field (the prompt when it names no
     option: media, ids and lengths all come from ``messages``)."""
-    msg = str(exc)
+    raw = str(exc)
+    # The engine names its own options; the client knows the request's fields (thinker_max_new_tokens: max_tokens).
+    msg = re.sub(r"\b(thinker|talker)_\w+|\bfirst_chunk_codes\b",
+                 lambda m: _FIELD_OF_OPTION.get(m.group(0), m.group(0)), raw)
     for option, name in _FIELD_OF_OPTION.items():
-        if option in options and option in msg:
+        if option in options and option in raw:
             return APIError(f"{name}: {msg}", param=name, code="invalid_value")
     too_long = any(w in msg for w in ("max_position_embeddings", "context", "KV cache", "cache"))
     return APIError(f"messages: {msg}", param="messages",

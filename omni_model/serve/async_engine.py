@@ -172,8 +172,11 @@ class AsyncEngine:
                         pass
                 time.sleep(0.05)  # a step that keeps failing must not spin
             self.steps += 1
-            self._stats = dict(self.engine.stats())
-            self._publish_stats()
+            try:
+                self._stats = dict(self.engine.stats())
+                self._publish_stats()
+            except Exception:  # stale numbers on /health and /metrics, but the requests go on
+                log.error("engine stats failed:\n%s", traceback.format_exc())
             for out in outputs:
                 self._deliver(out)
 

@@ -444,3 +444,17 @@ def test_video_request(served):
     system_video = {"model": "tiny", "messages": [{"role": "system", "content": [video_part()]},
                                                   {"role": "user", "content": "hi"}]}
     _error(_chat(server.url, system_video), 400, "messages[0].content[0]", "unsupported_content")
+
+
+def test_engine_errors_name_the_request_field():
+    from omni_model.serve.app import _engine_error
+
+    err = _engine_error(ValueError("the prompt of 5008 tokens plus thinker_max_new_tokens=1024 needs 6032 positions "
+                                   "in the thinker's KV cache, which holds 4096"), {"return_audio": False})
+    assert (err.status, err.param, err.code) == (400, "messages", "context_length_exceeded")
+    assert "max_tokens=1024" in err.message and "thinker_max_new_tokens" not in err.message
+    err = _engine_error(ValueError("talker_max_new_tokens=100000 needs 100178 positions"),
+                        {"talker_max_new_tokens": 100000})
+    assert (err.param, err.code) == ("talker_max_tokens", "invalid_value") and "talker_max_tokens=100000" in err.message
+    err = _engine_error(ValueError("speaker 'X' is not in spk_dict.pt"), {"speaker": "X"})
+    assert err.param == "audio.voice"
