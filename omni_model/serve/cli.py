@@ -18,6 +18,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omni_model import OmniModel
+    from omni_model.serve.app import ServerContext
+    from omni_model.serve.prompt import PromptBuilder
 
 log = logging.getLogger("omni.serve")
 
@@ -81,7 +87,7 @@ def _engine_config(args: argparse.Namespace):
     return EngineConfig(**kwargs)
 
 
-def load(args: argparse.Namespace, workdir: Path):
+def load(args: argparse.Namespace, workdir: Path) -> tuple[OmniModel, PromptBuilder]:
     """(model, prompt builder) for ``args.model``; the tiny model's processor files go to ``workdir``."""
     import torch
 
@@ -108,7 +114,8 @@ def load(args: argparse.Namespace, workdir: Path):
     return model, PromptBuilder.from_pretrained(path, model.config.thinker_config)
 
 
-def build_context(args: argparse.Namespace, model, builder):
+def build_context(args: argparse.Namespace, model, builder) -> ServerContext:
+    """The server's state for a loaded model: the engine thread's front, metrics, voices and the media policy."""
     from omni_model.serve.app import ServerContext
     from omni_model.serve.async_engine import AsyncEngine
     from omni_model.serve.media import MediaPolicy
