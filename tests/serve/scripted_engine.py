@@ -52,7 +52,8 @@ class _Request:
 
 
 class ScriptedEngine:
-    """``reply_tokens`` text ids per request (or ``thinker_max_new_tokens`` when smaller: finish "length")."""
+    """``reply_tokens`` text ids per request (finish "stop"), or ``thinker_max_new_tokens`` when given (finish
+    "length")."""
 
     def __init__(self, *, speakers=("Chelsie", "Ethan"), max_num_seqs: int = 64, num_blocks: int = 256,
                  block_size: int = 16, max_prompt: int = 1024, reply_tokens: int = 12, step_s: float = 0.01):
@@ -137,7 +138,7 @@ class ScriptedEngine:
         return text, audio
 
     def _length(self, options: dict) -> int:
-        return min(self.reply_tokens, options.get("thinker_max_new_tokens", self.reply_tokens))
+        return options.get("thinker_max_new_tokens", self.reply_tokens)
 
     @staticmethod
     def _token(ids: list[int], k: int) -> int:
@@ -172,8 +173,7 @@ class ScriptedEngine:
                      num_cached_tokens=req.cached)
         if req.step >= self._length(req.options):
             self._running.remove(req)
-            done = self._finish(req, "length" if "thinker_max_new_tokens" in req.options
-                                and req.options["thinker_max_new_tokens"] < self.reply_tokens else "stop")
+            done = self._finish(req, "length" if "thinker_max_new_tokens" in req.options else "stop")
             out.finished, out.finish_reason, out.stage_times = True, done.finish_reason, done.stage_times
         else:
             out.stage_times = dict(req.times)

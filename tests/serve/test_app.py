@@ -236,8 +236,11 @@ def _stream_client(url: str, body: dict, *, disconnect_after: int | None, result
 def test_many_clients_some_disconnect(served):
     server, engine, ctx = served
     before = len(engine.added)
+    # The 8 that hang up ask for a long reply, so that they are sure to be mid-reply when they go (a loaded machine
+    # may be slow to run the client's thread).
     bodies = [{"model": "tiny", "stream": True, "modalities": ["text", "audio"], "audio": {"voice": "Chelsie"},
-               "messages": [{"role": "user", "content": f"question number {i}"}]} for i in range(32)]
+               "messages": [{"role": "user", "content": f"question number {i}"}],
+               **({"max_tokens": 3000} if i % 4 == 0 else {})} for i in range(32)]
     results: dict[int, list] = {}
     threads = [threading.Thread(target=_stream_client, args=(server.url, body),
                                 kwargs=dict(disconnect_after=3 if i % 4 == 0 else None, results=results, key=i))
@@ -408,7 +411,7 @@ def test_serving_client_load_generator(served):
     server, engine, _ = served
     before = len(engine.added)
     records = run_http(server.url, num_requests=9, rate=100.0, mix="text:1,audio:1,image:1", seed=3, image_size=56,
-                       extra_body={"talker_temperature": 0})
+                       max_tokens=12, extra_body={"talker_temperature": 0})
     assert len(records) == 9 and all(r["ok"] for r in records), [r["error"] for r in records]
     assert len(engine.added) == before + 9
     assert {r["kind"] for r in records} <= {"text", "audio", "image"} and len({r["kind"] for r in records}) > 1

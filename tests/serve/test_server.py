@@ -156,8 +156,11 @@ def test_32_streams_8_hang_up(server):
     results: dict[int, list] = {}
     aborted0 = _finished(url, "abort")
 
+    # The 8 that hang up ask for a long reply, so that they are sure to be mid-reply when they go.
+    long = {**SPOKEN, "max_tokens": 200, "talker_max_tokens": 1000, "messages": [{"role": "user", "content": "go on"}]}
+
     def client(i: int) -> None:
-        results[i] = _stream(url, bodies[i % 4], disconnect_after=2 if i % 4 == 1 else None)
+        results[i] = _stream(url, long if i % 4 == 1 else bodies[i % 4], disconnect_after=2 if i % 4 == 1 else None)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
     for t in threads:
