@@ -29,7 +29,7 @@ from omni_kernels import (
     tmrope_store_kv,
     tmrope_store_kv_ref,
 )
-from omni_kernels.apply_tmrope import tmrope_inv_freq
+from omni_kernels.apply_tmrope import rope_inv_freq
 from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
 
 # (num_q_heads, num_kv_heads, head_dim, mrope_section, rope_theta) of the Thinker (REFERENCE.md).
@@ -63,7 +63,7 @@ def _hf_functions(num_q_heads, num_kv_heads, head_dim, sections, theta, device):
 
 def _hf_equivalent(head_dim, theta, device):
     # The same operations as HF 4.57.6, for machines without transformers.
-    inv_freq = tmrope_inv_freq(head_dim, theta, device)
+    inv_freq = rope_inv_freq(head_dim, theta, device)
 
     def rotary(x, position_ids):
         freqs = (inv_freq[None, None, :, None].expand(3, position_ids.shape[1], -1, 1)

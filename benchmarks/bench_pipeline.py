@@ -20,7 +20,7 @@ runs it) and the same weights in HF's model, in the same process:
   - ``hf-generate``: ``Qwen2_5OmniForConditionalGeneration.generate(**inputs, speaker="Chelsie", ...)``. HF returns
     all audio at the end, so its time to first audio is its whole answer (``ttfa_ms = total_ms``);
     ``stage_times`` holds when its thinker, talker and token2wav calls returned. Its talker gets one logits
-    processor that only allows the codes the DiT's table has (plus the stop codes), which our pipeline applies
+    processor that only allows the codes the DiT's table has (plus the stop codes), which our engine applies
     too (HF would index past the table otherwise).
 
 * ``7b video60s+audio prefill``: peak GPU memory of answering a 60 s video-with-audio question (2 fps, 224 x 224
@@ -37,7 +37,7 @@ measured first, then HF's model is built (HF's own constructor on the GPU, param
 our weights copied in by :func:`omni_model.weights.checkpoint_plan`), ours is deleted and HF measured alone.
 A provider or case that fails is a record with ``error``; the others go on.
 
-Timing caveat: the stream's ``stage_times`` are host clocks read when the pipeline reaches each stage; stages
+Timing caveat: the stream's ``stage_times`` are host clocks read when the engine reaches each stage; stages
 that end without a device sync (``encoders``) can read early on CUDA. ``ttfa_ms`` and ``total_ms`` are taken when
 samples are on the host, so they are exact.
 
@@ -65,8 +65,9 @@ from torch import nn
 
 from omni_benchmarks.bench_thinker import error_text, hf_build_context, quiet_hf, safe_ids, short_name
 from omni_kernels.testing import Record, make_record, quantiles, set_speedups, write_records
-from omni_model.config import OmniConfig
+from omni_model.config import SAMPLE_RATE, OmniConfig
 from omni_model.demo import synthetic_question
+from omni_model.engine.config import EngineConfig
 from omni_model.model import OmniModel
 from omni_model.processor import HOP, MAX_SAMPLES, audio_token_count, log_mel_features
 from omni_model.processor import SAMPLE_RATE as MEL_RATE
@@ -75,7 +76,6 @@ from omni_model.weights import checkpoint_plan
 BENCH = "pipeline"
 SEED = 0
 SPEAKER = "Chelsie"
-SAMPLE_RATE = 24000
 GIB = 2**30
 PREFIX_TOKENS, SUFFIX_TOKENS = 24, 6  # system / user template and assistant header stand-ins
 STREAM = "omni-stream"
@@ -292,35 +292,33 @@ def _pick_median(runs: list[Run]) -> Run:
 
 
 @contextlib.contextmanager
-def record_chunks(streamers: list) -> Iterator[None]:
-    """Collects every Token2Wav streamer the stream makes (their ``chunks`` carry host clocks of when each chunk was
-    queued and when its audio was handed out): the pipeline imports ``Token2WavStreamer`` from
-    :mod:`omni_model.streaming` per call, so a subclass put there for the call sees every streamer (if the pipeline
-    stops importing it that way, ``chunks`` just stays empty)."""
-    import omni_model.streaming as streaming
+def record_chunks(utterances: list) -> Iterator[None]:
+    """Collects every Token2Wav utterance that hands out audio while the body runs (their ``chunks`` carry host
+    clocks of when each chunk was queued and when its audio was handed out), by wrapping ``Utterance.collect``."""
+    from omni_model.streaming import Utterance
 
-    base = streaming.Token2WavStreamer
+    base = Utterance.collect
 
-    class Recorded(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            streamers.append(self)
+    def collect(self, *args, **kwargs):
+        if not any(u is self for u in utterances):
+            utterances.append(self)
+        return base(self, *args, **kwargs)
 
-    streaming.Token2WavStreamer = Recorded
+    Utterance.collect = collect
     try:
         yield
     finally:
-        streaming.Token2WavStreamer = base
+        Utterance.collect = base
 
 
 def stream_once(model, inputs: dict, options: dict, device: torch.device) -> Run:
     """One ``model.stream`` of the request; clocks start at the call."""
-    streamers: list = []
+    utterances: list = []
     samples = 0
     text: list[int] = []
     ttfa = None
     times: dict[str, float] = {}
-    with Memory(device) as mem, record_chunks(streamers):
+    with Memory(device) as mem, record_chunks(utterances):
         t0 = time.perf_counter()
         for event in model.stream(**inputs, **options):
             if event.audio.size:
@@ -332,7 +330,7 @@ def stream_once(model, inputs: dict, options: dict, device: torch.device) -> Run
         total = (time.perf_counter() - t0) * 1e3
     if ttfa is None:
         raise RuntimeError(f"the stream produced no audio ({len(text)} text ids)")
-    log = [c for s in streamers for c in s.chunks]
+    log = [c for u in utterances for c in u.chunks]
     chunks = [dict(codes=[c.start, c.end], start_ms=(c.launched_s - t0) * 1e3, end_ms=(c.ready_s - t0) * 1e3,
                    dit_ms=c.dit_ms, vocoder_ms=c.vocoder_ms) for c in log]
     codes = log[-1].end if log else None  # None: the chunk hook saw nothing (see record_chunks)
@@ -371,18 +369,9 @@ def memory_case_ours(model, inputs: dict, warmup: dict, device: torch.device) ->
     return ms, mem, _reply_ids(out, inputs["input_ids"].shape[1])
 
 
-def sized_engine(model, max_tokens: int) -> int:
-    """Gives ``model`` an engine with KV pools of ``max_tokens`` tokens per decoder (``stream`` / ``generate`` then
-    use it); returns the pools' bytes."""
-    from omni_model.pipeline import Engine
-
-    old = getattr(model, "_engine", None)
-    if old is not None:
-        object.__setattr__(model, "_engine", None)
-        del old
-        release()
-    engine = Engine(model, max_tokens=max_tokens)
-    object.__setattr__(model, "_engine", engine)  # engine_for(model) picks it up
+def kv_cache_bytes(model) -> int:
+    """The bytes of the engine's KV caches (both decoders)."""
+    engine = model.engine
     return sum(runner.cache.nbytes for runner in (engine.thinker, engine.talker) if runner is not None)
 
 
@@ -459,7 +448,7 @@ def build_hf(cfg: OmniConfig, model, dtype: torch.dtype, device: torch.device) -
 
 
 def _code_table_processor(cfg: OmniConfig):
-    """HF talker logits processor allowing only the codes the DiT can embed, plus the stop codes (our pipeline's
+    """HF talker logits processor allowing only the codes the DiT can embed, plus the stop codes (our engine's
     rule); None when the table covers the whole codec vocabulary."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -618,10 +607,11 @@ def _run(dev: torch.device, quick: bool, preset: str) -> list[Record]:
     records: list[Record] = []
     reference_ids: list[int] | None = None  # our first stream variant's reply, to compare HF's with
 
-    model = OmniModel.from_config(cfg, device=dev, dtype=dtype, seed=SEED)
     # Thinker: the longest prompt + reply; talker: the spoken prompt + 2 + codes (rounded up to whole blocks).
     max_tokens = max(video_len, speech_len + plan.thinker_tokens, speech_len + 2 + plan.talker_codes) + 64
-    kv_pool_gib = sized_engine(model, max_tokens) / GIB
+    model = OmniModel.from_config(cfg, device=dev, dtype=dtype, seed=SEED,
+                                  engine_config=EngineConfig(kv_cache_tokens=max_tokens))
+    kv_pool_gib = kv_cache_bytes(model) / GIB
 
     for first_chunk in plan.first_chunks:
         provider = STREAM if first_chunk is None else f"{STREAM}-fc{first_chunk}"
@@ -648,9 +638,7 @@ def _run(dev: torch.device, quick: bool, preset: str) -> list[Record]:
         hf = build_hf(cfg, model, dtype, dev)
     except Exception as exc:  # transformers missing, or its API / names moved: say so in the records
         hf_error = error_text(exc)
-    engine = getattr(model, "_engine", None)
-    object.__setattr__(model, "_engine", None)
-    del model, engine
+    del model
     release()
 
     if hf is None:

@@ -61,7 +61,7 @@ from omni_kernels.testing import (
 from omni_model.config import OmniConfig
 from omni_model.engine.runner import DecoderRunner, RunnerConfig
 from omni_model.layers.backend import use_backend
-from omni_model.layers.sampler import SamplingParams, sample
+from omni_model.layers.sampler import SamplingParams, SamplingRows, sample
 from omni_model.models.thinker import ThinkerTextModel
 from omni_model.weights import checkpoint_plan
 
@@ -181,7 +181,11 @@ class DecodeSpec:
     allowed: torch.Tensor | None = None
 
     def next_ids(self, hidden: torch.Tensor) -> torch.Tensor:
-        return sample(self.logits(hidden), GREEDY, allowed=self.allowed)
+        """Greedy ids through the engine's sampler (its per-row settings go up with every step, as there)."""
+        logits = self.logits(hidden)
+        rows = SamplingRows.build([GREEDY] * logits.shape[0], [0.0] * logits.shape[0], logits.shape[-1],
+                                  logits.device)
+        return sample(logits, rows, allowed=self.allowed)
 
 
 @dataclass
@@ -195,7 +199,7 @@ class LoopResult:
 
 def make_runner(decoder: nn.Module, *, graphs: bool, plan: Plan, max_model_len: int, dtype: torch.dtype,
                 device: torch.device) -> DecoderRunner:
-    """A runner sized for the plan's largest batch; ``max_model_len`` is the model's (as the pipeline sets it,
+    """A runner sized for the plan's largest batch; ``max_model_len`` is the model's (as the engine sets it,
     so the per-step block-table copy has its real width)."""
     per_seq = -(-(plan.prompt + plan.steps + WARMUP_STEPS + 2) // BLOCK_SIZE)
     batch = max(plan.batches)
@@ -204,9 +208,8 @@ def make_runner(decoder: nn.Module, *, graphs: bool, plan: Plan, max_model_len: 
     return DecoderRunner(decoder, config, dtype=dtype, device=device)
 
 
-def release_runner(runner: DecoderRunner | None) -> None:
-    if runner is not None and runner.cache.storage is not None:
-        runner.cache.release()
+def release_runner() -> None:
+    """Returns the memory of runners and models nobody refers to any more."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -224,7 +227,7 @@ def decode_loop(runner: DecoderRunner, spec: DecodeSpec, batch: int, steps: int,
     cuda = dev.type == "cuda"
     ids = spec.prompt_ids(batch)
     prompt = len(ids[0])
-    seqs = [runner.allocate(p, reuse_prefix=False) for p in ids]
+    seqs = [runner.allocate(len(p)) for p in ids]
     try:
         positions = torch.arange(prompt, device=dev).repeat(batch).expand(3, -1).contiguous()
         hidden = runner.prefill(seqs, spec.prefill_inputs(batch), positions)
@@ -501,7 +504,8 @@ def run_providers(*, bench: str, label: Callable[[int], str], decoder: nn.Module
                         reference[batch] = result.tokens
                     add(name, batch, result)
         finally:
-            release_runner(runner)
+            runner = None
+            release_runner()
 
     hf = None
     try:
@@ -516,7 +520,7 @@ def run_providers(*, bench: str, label: Callable[[int], str], decoder: nn.Module
             except Exception as exc:
                 add("hf-generate", batch, error=error_text(exc))
         del hf
-        release_runner(None)
+        release_runner()
     return set_speedups(records, "hf-generate")
 
 

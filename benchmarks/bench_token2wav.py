@@ -21,11 +21,10 @@ import math
 import torch
 
 from omni_kernels.testing import Record, bench_main, do_bench, make_record
-from omni_model.config import OmniConfig
+from omni_model.config import SAMPLE_RATE, OmniConfig
 from omni_model.hf_compat import randomize_weights_
 from omni_model.models.token2wav import HF_NOISE_FRAMES, Token2Wav
 
-SAMPLE_RATE = 24000
 NUM_STEPS = 10
 PASSES = (NUM_STEPS - 1) * 4  # RK4: 4 DiT evaluations per interval
 # (label, codes through the DiT, mel frames through the vocoder)

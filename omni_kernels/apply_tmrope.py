@@ -7,7 +7,7 @@ index ``i < D/2`` takes its angle from one of the three axes: ``mrope_section = 
 and the rest to the width id; the pair (d, d + D/2) of the rotate-half layout shares index d. Numbers follow
 HF transformers 4.57.6 (``Qwen2_5OmniRotaryEmbedding`` + ``apply_multimodal_rotary_pos_emb``):
 
-* ``inv_freq[i] = 1 / theta ** (2i / D)`` computed in fp32 on the CPU (HF's buffer, see :func:`tmrope_inv_freq`);
+* ``inv_freq[i] = 1 / theta ** (2i / D)`` computed in fp32 on the CPU (HF's buffer, see :func:`rope_inv_freq`);
 * the angle is the fp32 product ``float(position[axis(i)]) * inv_freq[i]``;
 * cos and sin are evaluated in fp32 and then rounded to the activation dtype;
 * ``out = x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x[D/2:], x[:D/2])``.
@@ -44,7 +44,7 @@ MAX_POSITION = 2**24
 _INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
 
 
-def tmrope_inv_freq(head_dim: int, rope_theta: float, device: torch.device | str) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, rope_theta: float, device: torch.device | str) -> torch.Tensor:
     """HF's ``inv_freq`` (D/2,) fp32 on ``device``, cached per (head_dim, theta, device).
 
     Computed on the CPU with HF's own expression (``_compute_default_rope_parameters``: the model builds the buffer
@@ -87,7 +87,7 @@ def apply_tmrope_ref(
     Run with float64 q and k it is the fp64 oracle of the tests (angles and cos/sin still in fp32, as HF defines
     them; everything after exact).
     """
-    cos, sin = tmrope_cos_sin(positions, tmrope_inv_freq(q.shape[-1], rope_theta, q.device), mrope_section, q.dtype)
+    cos, sin = tmrope_cos_sin(positions, rope_inv_freq(q.shape[-1], rope_theta, q.device), mrope_section, q.dtype)
     cos, sin = cos[:, None, :], sin[:, None, :]
     q.copy_(q * cos + _rotate_half(q) * sin)
     k.copy_(k * cos + _rotate_half(k) * sin)
@@ -224,7 +224,7 @@ if triton is not None:
         num_tokens, num_q_heads, head_dim = q.shape
         if num_tokens == 0:
             return
-        inv_freq = tmrope_inv_freq(head_dim, rope_theta, q.device)
+        inv_freq = rope_inv_freq(head_dim, rope_theta, q.device)
         store = v is not None
         if store:
             cache = (v, k_cache, v_cache, slot_mapping)
@@ -261,7 +261,7 @@ def _apply_tmrope_triton(
 def _apply_tmrope_cuda(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, mrope_section: list[int], rope_theta: float
 ) -> None:
-    inv_freq = tmrope_inv_freq(q.shape[-1], rope_theta, q.device)
+    inv_freq = rope_inv_freq(q.shape[-1], rope_theta, q.device)
     _cuda.ext().apply_tmrope(
         _cuda.ref(q), _cuda.ref(k), _cuda.ref(positions), _cuda.ref(inv_freq),
         mrope_section[0], mrope_section[0] + mrope_section[1], _cuda.stream(q.device),

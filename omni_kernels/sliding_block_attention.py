@@ -39,25 +39,27 @@ from omni_kernels._checks import (
 MAX_HEAD_DIM = 256
 
 
-def _one_sequence(q, k, v, block_size: int, look_back: int, look_ahead: int, scale: float) -> torch.Tensor:
-    """The rule for one sequence q, k, v (L, H, D): each query block against its stacked key blocks."""
-    length, num_heads, head_dim = q.shape
+def _equal_sequences(q, k, v, block_size: int, look_back: int, look_ahead: int, scale: float) -> torch.Tensor:
+    """The rule for S sequences of one length L, q, k, v (S, L, H, D): each query block against its stacked key
+    blocks."""
+    seqs, length, num_heads, head_dim = q.shape
     num_blocks = -(-length // block_size)
     back, ahead = min(look_back, num_blocks - 1), min(look_ahead, num_blocks - 1)
     width = back + 1 + ahead
     pad = num_blocks * block_size - length
-    # (num_blocks, block_size, H, D), zero-padded at the end; then key windows (num_blocks, width * block_size, H, D)
-    # holding blocks i - back .. i + ahead for query block i (zero blocks outside the sequence).
-    qb, kb, vb = (F.pad(x, (0, 0, 0, 0, 0, pad)).view(num_blocks, block_size, num_heads, head_dim) for x in (q, k, v))
-    kw, vw = (torch.stack([xb[w: w + num_blocks] for w in range(width)], dim=1).flatten(1, 2)
+    # (S, num_blocks, block_size, H, D), zero-padded at the end; then key windows (S, num_blocks, width * block_size,
+    # H, D) holding blocks i - back .. i + ahead for query block i (zero blocks outside the sequence).
+    qb, kb, vb = (F.pad(x, (0, 0, 0, 0, 0, pad)).view(seqs, num_blocks, block_size, num_heads, head_dim)
+                  for x in (q, k, v))
+    kw, vw = (torch.stack([xb[:, w: w + num_blocks] for w in range(width)], dim=2).flatten(2, 3)
               for xb in (F.pad(x, (0, 0, 0, 0, 0, 0, back, ahead)) for x in (kb, vb)))
     block_ids = torch.arange(num_blocks, device=q.device)[:, None] - back + torch.arange(width, device=q.device)
     key_pos = (block_ids[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)
     visible = (key_pos >= 0) & (key_pos < length)  # (num_blocks, width * block_size)
-    scores = torch.einsum("bqhd,bkhd->bhqk", qb, kw) * scale
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), vw)
-    return out.reshape(num_blocks * block_size, num_heads, head_dim)[:length]
+    scores = torch.einsum("sbqhd,sbkhd->sbhqk", qb, kw) * scale
+    scores = scores.masked_fill(~visible[None, :, None, None, :], float("-inf"))
+    out = torch.einsum("sbhqk,sbkhd->sbqhd", torch.softmax(scores, dim=-1), vw)
+    return out.reshape(seqs, num_blocks * block_size, num_heads, head_dim)[:, :length]
 
 
 def sliding_block_attention_ref(
@@ -74,16 +76,24 @@ def sliding_block_attention_ref(
     """Plain torch reference (the oracle), computed in the dtype of q.
 
     Per sequence, each query block is scored against the stacked key blocks ``i - look_back .. i + look_ahead``
-    (missing blocks and the padding of the last block masked out): O(T * window) memory, never T x T.
+    (missing blocks and the padding of the last block masked out): O(T * window) memory, never T x T. Runs of
+    sequences of one length are computed together.
     """
     num_tokens, num_heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     bounds = [0, num_tokens] if cu_seqlens is None else [int(b) for b in cu_seqlens.tolist()]
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            out[start:end] = _one_sequence(q[start:end], k[start:end], v[start:end], block_size, look_back,
-                                           look_ahead, scale)
+    i = 0
+    while i < len(bounds) - 1:
+        length = bounds[i + 1] - bounds[i]
+        j = i + 1  # sequences i .. j - 1: a run of equal lengths, contiguous in the packed tensors
+        while j < len(bounds) - 1 and bounds[j + 1] - bounds[j] == length:
+            j += 1
+        if length > 0:
+            lo, hi = bounds[i], bounds[j]
+            rows = (x[lo:hi].view(j - i, length, num_heads, head_dim) for x in (q, k, v))
+            out[lo:hi] = _equal_sequences(*rows, block_size, look_back, look_ahead, scale).flatten(0, 1)
+        i = j
     return out
 
 

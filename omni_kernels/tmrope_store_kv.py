@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from omni_kernels import _backend, _cuda
-from omni_kernels.apply_tmrope import apply_tmrope_ref, check_tmrope_args, tmrope_inv_freq
+from omni_kernels.apply_tmrope import apply_tmrope_ref, check_tmrope_args, rope_inv_freq
 from omni_kernels.store_kv_cache import check_store_kv_args, store_kv_cache_ref
 
 
@@ -82,7 +82,7 @@ def _tmrope_store_kv_cuda(
     mrope_section: list[int],
     rope_theta: float,
 ) -> None:
-    inv_freq = tmrope_inv_freq(q.shape[-1], rope_theta, q.device)
+    inv_freq = rope_inv_freq(q.shape[-1], rope_theta, q.device)
     _cuda.ext().tmrope_store_kv(
         _cuda.ref(q), _cuda.ref(k), _cuda.ref(v), _cuda.ref(positions), _cuda.ref(inv_freq), _cuda.ref(k_cache),
         _cuda.ref(v_cache), _cuda.ref(slot_mapping), mrope_section[0], mrope_section[0] + mrope_section[1],

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omni_model.config import SAMPLE_RATE
+
 SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
     "visual inputs, as well as generating text and speech."
@@ -21,7 +23,7 @@ SYSTEM_PROMPT = (
 class WavWriter:
     """Writes mono float32 chunks as 16-bit PCM while they arrive (the file is valid after ``close``)."""
 
-    def __init__(self, path: str | os.PathLike, sample_rate: int = 24000):
+    def __init__(self, path: str | os.PathLike, sample_rate: int = SAMPLE_RATE):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wav = wave.open(str(self.path), "wb")
@@ -159,7 +161,7 @@ def run_demo(out_dir: str = ".", device: str = "cpu") -> int:
     finally:
         writer.close()
     print(f"  text ids: {text}")
-    print(f"  audio: {writer.samples} samples ({writer.samples / 24000:.2f} s at 24 kHz) -> {out}")
+    print(f"  audio: {writer.samples} samples ({writer.samples / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz) -> {out}")
     marks = {k: v for k, v in times.items() if not k.startswith("token2wav_")}
     print("  stages (ms since the request): "
           + ", ".join(f"{k} {v:.0f}" for k, v in sorted(marks.items(), key=lambda kv: kv[1])))
@@ -267,5 +269,5 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             writer.close()
     print()
     if writer is not None:
-        print(f"omni run: {writer.samples / 24000:.2f} s of audio -> {args.out}", file=sys.stderr)
+        print(f"omni run: {writer.samples / SAMPLE_RATE:.2f} s of audio -> {args.out}", file=sys.stderr)
     return 0

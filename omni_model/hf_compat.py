@@ -16,18 +16,18 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from omni_model.config import OmniConfig
+from omni_model.loader import random_speakers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Qwen2_5OmniConfig
 
-__all__ = ["build_hf_model", "build_tiny_hf_checkpoint", "hf_config", "randomize_weights_", "save_tiny_processor",
-           "tiny_speakers"]
+__all__ = ["build_hf_model", "build_tiny_hf_checkpoint", "hf_config", "randomize_weights_", "save_tiny_processor"]
 
 NOISE = 0.1  # std of biases, log-scales and the deviation of norm scales from 1
 # Extra gains by module-name prefix. BigVGAN sums three residual branches per AMP block, 3 blocks per stage and
@@ -37,7 +37,6 @@ GAINS = {
     "token2wav.code2wav_bigvgan_model.resblocks.": 0.3,
     "token2wav.code2wav_bigvgan_model.conv_post": 0.3,
 }
-SPEAKERS = ("Chelsie", "Ethan")
 
 
 def hf_config(config: OmniConfig) -> Qwen2_5OmniConfig:
@@ -77,24 +76,6 @@ def randomize_weights_(model: nn.Module, *, seed: int = 0, weight_scale: float =
     return model
 
 
-def tiny_speakers(config: OmniConfig, *, seed: int = 0, ref_frames: int = 300) -> dict[str, dict[str, Any]]:
-    """``spk_dict.pt`` contents for ``config``: per speaker ``cond`` (1, enc_emb_dim), ``ref_mel``
-    (1, ref_frames, mel_dim) and ``bos_token`` (REFERENCE.md: 90 = the tiny tts_text_start id), as HF 4.57.6's
-    ``generate`` reads them (``cond`` must be 2-D there)."""
-    dit = config.token2wav_config.dit
-    gen = torch.Generator().manual_seed(seed + 1)
-    bos = config.talker_config.tts_text_start_token_id
-    return {
-        name: {
-            "cond": torch.randn(1, dit.enc_emb_dim, generator=gen),
-            # A log-mel-like level: natural-log amplitudes around -5 (quiet speech), spread of 2.
-            "ref_mel": torch.randn(1, ref_frames, dit.mel_dim, generator=gen) * 2.0 - 5.0,
-            "bos_token": bos,
-        }
-        for name in SPEAKERS
-    }
-
-
 def build_hf_model(config: OmniConfig | None = None, *, seed: int = 0, weight_scale: float = 1.0,
                    attn_implementation: str | None = None) -> PreTrainedModel:
     """``Qwen2_5OmniForConditionalGeneration`` (HF 4.57.6) for ``config`` (default: the tiny preset), fp32, eval,
@@ -124,7 +105,7 @@ def build_tiny_hf_checkpoint(path: str | os.PathLike, *, seed: int = 0, weight_s
     out.mkdir(parents=True, exist_ok=True)
     model = build_hf_model(config, seed=seed, weight_scale=weight_scale)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-    speakers = tiny_speakers(config, seed=seed)
+    speakers = random_speakers(config, seed=seed)
     torch.save(speakers, out / "spk_dict.pt")
     model.speaker_map = {name: dict(entry) for name, entry in speakers.items()}
     return out, model

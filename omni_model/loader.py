@@ -32,6 +32,7 @@ __all__ = [
     "load_speakers",
     "load_state_dict",
     "module_shapes",
+    "random_speakers",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -186,6 +187,28 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], found: Mapping[str
 
 
 # ----------------------------------------------------------------------------------------------- speakers
+
+
+# The published speakers and their bos ids in the 7B/3B Thinker vocabulary.
+PUBLISHED_SPEAKERS = {"Chelsie": 151872, "Ethan": 151870}
+
+
+def random_speakers(config, *, seed: int = 0, ref_frames: int = 300) -> dict[str, dict[str, Any]]:
+    """Stand-ins for ``spk_dict.pt`` of a random-weight model (``config``: an OmniConfig): Chelsie and Ethan with
+    random ``cond`` (1, enc_emb_dim) and ``ref_mel`` (1, ref_frames, mel_dim) at a log-mel-like level (natural-log
+    amplitudes around -5, quiet speech, spread 2). Their ``bos_token`` is the published one where the Thinker's
+    vocabulary has it, else the tts text start id (a tiny vocabulary)."""
+    dit = config.token2wav_config.dit
+    vocab = config.thinker_config.text_config.vocab_size
+    gen = torch.Generator().manual_seed(seed + 1)
+    return {
+        name: {
+            "cond": torch.randn(1, dit.enc_emb_dim, generator=gen),
+            "ref_mel": torch.randn(1, ref_frames, dit.mel_dim, generator=gen) * 2.0 - 5.0,
+            "bos_token": bos if bos < vocab else config.talker_config.tts_text_start_token_id,
+        }
+        for name, bos in PUBLISHED_SPEAKERS.items()
+    }
 
 
 def load_speakers(path: str | os.PathLike, *, cond_dim: int | None = None,

@@ -25,3 +25,22 @@ def tiny_hf_checkpoint(tmp_path_factory):
     from omni_model.hf_compat import build_tiny_hf_checkpoint
 
     return build_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf_checkpoint"), seed=0)
+
+
+@pytest.fixture
+def shuffled_runner():
+    """``make(decoder, num_blocks, block_size, seed, dtype=float32)``: a DecoderRunner on the CPU (no CUDA graphs,
+    no prefix caching) whose free blocks come out in a random order, so sequences get shuffled pages."""
+    from collections import deque
+
+    from omni_model.engine.runner import DecoderRunner, RunnerConfig
+
+    def make(decoder, num_blocks: int, block_size: int, seed: int, dtype=torch.float32) -> DecoderRunner:
+        config = RunnerConfig(num_blocks=num_blocks, block_size=block_size, max_model_len=num_blocks * block_size,
+                              cuda_graphs=False, enable_prefix_caching=False)
+        runner = DecoderRunner(decoder, config, dtype=dtype, device=torch.device("cpu"))
+        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        runner.blocks.free = deque(order)
+        return runner
+
+    return make

@@ -2,21 +2,22 @@
 
 Pure Python, no tensors: it hands out block ids; the runner turns them into block tables and slot mappings.
 
-A full block is identified by a chained hash of its tokens and the hash of the block before it, so two
-requests whose prompts start alike share the blocks of the common prefix (reference counted). The hash
-covers a per-request ``salt`` from the first block that holds media onwards: media tokens are placeholders
-(one id per image patch), so equal ids do not mean equal content there. TMRoPE positions depend only on
-the tokens before them, so a shared prefix also has equal positions.
+A full block is identified by a chained hash (:func:`hash_blocks`) of its tokens, the hash of the block before it
+and the content digest of every media item whose placeholder tokens lie in it: media tokens are placeholders (one
+id per audio frame or image patch), so equal ids do not mean equal content. Two requests whose prompts start alike
+(a conversation's next turn, a shared system prompt) share the blocks of the common prefix, reference counted.
+TMRoPE positions depend only on the tokens before them, so a shared prefix also has equal positions.
 
-A request that needs more blocks than are free gets :class:`CacheFullError` and nothing changes: other
-requests keep their blocks.
+A freed block keeps its hash and goes to the back of the free list: it can be revived by a later equal prefix
+until it is handed out again (an evictable block counts as free). A request that needs more blocks than are free
+gets :class:`CacheFullError` and nothing changes.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -36,18 +37,28 @@ class SeqBlocks:
     """What the block manager knows of one sequence."""
 
     block_table: list[int] = field(default_factory=list)
-    num_tokens: int = 0
-    num_cached_tokens: int = 0  # tokens whose KV entries came from shared prefix blocks
-    block_hashes: list[bytes] = field(default_factory=list)
+    num_tokens: int = 0  # tokens with a reserved slot
+    num_cached_tokens: int = 0  # leading tokens whose KV entries came from shared prefix blocks
 
 
-def block_hash(prev: bytes | None, tokens: Sequence[int], salt: bytes | None) -> bytes:
+def block_hash(prev: bytes | None, tokens: Sequence[int], extra: bytes = b"") -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(prev or b"\0")
     h.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in tokens))
-    if salt:
-        h.update(salt)
+    h.update(extra)
     return h.digest()
+
+
+def hash_blocks(token_ids: Sequence[int], block_size: int, *, extra: Callable[[int, int], bytes] | None = None,
+                prev: Sequence[bytes] = ()) -> list[bytes]:
+    """Chained hashes of the full blocks of ``token_ids`` after the ``len(prev)`` blocks already hashed in ``prev``
+    (which are not repeated in the result). ``extra(lo, hi)``: the media digests of tokens [lo, hi)."""
+    out, last = [], (prev[-1] if prev else None)
+    for i in range(len(prev), len(token_ids) // block_size):
+        lo, hi = i * block_size, (i + 1) * block_size
+        last = block_hash(last, token_ids[lo:hi], extra(lo, hi) if extra is not None else b"")
+        out.append(last)
+    return out
 
 
 class BlockManager:
@@ -58,6 +69,7 @@ class BlockManager:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        self.num_blocks = num_blocks
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: deque[int] = deque(range(num_blocks))
@@ -66,6 +78,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks no sequence holds (evictable cached blocks included)."""
         return len(self.free)
 
     def blocks_needed(self, num_tokens: int) -> int:
@@ -92,55 +105,50 @@ class BlockManager:
             # Cached full blocks go to the back: they stay reusable by hash for as long as possible.
             self.free.append(block_id)
 
-    def _prefix_hashes(self, token_ids: Sequence[int], media_start: int | None, salt: bytes | None) -> list[bytes]:
-        hashes, prev = [], None
-        for i in range(len(token_ids) // self.block_size):
-            lo, hi = i * self.block_size, (i + 1) * self.block_size
-            use_salt = salt if media_start is not None and hi > media_start else None
-            prev = block_hash(prev, token_ids[lo:hi], use_salt)
-            hashes.append(prev)
-        return hashes
-
-    # --------------------------------------------------------------------------------------------- public
-
-    def allocate(
-        self,
-        token_ids: Sequence[int],
-        *,
-        media_start: int | None = None,
-        salt: bytes | None = None,
-        reuse_prefix: bool = True,
-    ) -> SeqBlocks:
-        """Blocks for a new prompt. Reuses cached full blocks of an equal prefix.
-
-        ``media_start``: index of the first media placeholder token (None: text only); ``salt``: bytes that
-        identify the media content (e.g. a hash of the features), mixed into the hashes from that block on.
-        The last prompt block is never shared even when full, so that the prefill always computes at least
-        one token (its logits start decoding). ``reuse_prefix=False`` computes every token (a caller that needs
-        the hidden states of the whole prompt) but still registers the blocks for later requests.
-        """
-        num_tokens = len(token_ids)
-        if num_tokens == 0:
-            raise ValueError("token_ids must not be empty")
-        hashes = self._prefix_hashes(token_ids, media_start, salt) if self.enable_prefix_caching else []
-        reuse: list[int] = []
-        for i, h in enumerate(hashes if reuse_prefix else []):
-            if (i + 1) * self.block_size >= num_tokens:
+    def _prefix_hits(self, num_tokens: int, hashes: Sequence[bytes], max_tokens: int | None) -> list[int]:
+        """Cached blocks of the longest equal prefix; never the block holding the last token (the prefill must
+        compute at least one token), never past ``max_tokens``."""
+        if not self.enable_prefix_caching:
+            return []
+        limit = num_tokens - 1 if max_tokens is None else min(num_tokens - 1, max_tokens)
+        hits = []
+        for i, h in enumerate(hashes):
+            if (i + 1) * self.block_size > limit:
                 break
             block_id = self.hash_to_block.get(h)
             if block_id is None:
                 break
-            reuse.append(block_id)
-        needed = self.blocks_needed(num_tokens) - len(reuse)
-        # Reused blocks that sit on the free list (ref 0) are taken from it, so they count against it.
-        revived = sum(1 for b in reuse if self.blocks[b].ref_count == 0)
+            hits.append(block_id)
+        return hits
+
+    # --------------------------------------------------------------------------------------------- public
+
+    def free_blocks_needed(self, num_tokens: int, hashes: Sequence[bytes] = (), *,
+                           max_reuse_tokens: int | None = None) -> int:
+        """Free blocks :meth:`allocate` would take for this prompt (shared blocks that sit on the free list count)."""
+        hits = self._prefix_hits(num_tokens, hashes, max_reuse_tokens)
+        return self.blocks_needed(num_tokens) - len(hits) + sum(1 for b in hits if self.blocks[b].ref_count == 0)
+
+    def allocate(self, num_tokens: int, hashes: Sequence[bytes] = (), *,
+                 max_reuse_tokens: int | None = None) -> SeqBlocks:
+        """Blocks for a new sequence of ``num_tokens`` tokens; reuses cached blocks of an equal prefix.
+
+        ``hashes``: :func:`hash_blocks` of (a prefix of) its tokens, to look up the prefix; ``max_reuse_tokens``
+        caps the reused prefix (0: compute everything). New blocks become shareable only through :meth:`register`,
+        once their KV has been written (a chunked prefill writes them over several steps).
+        """
+        if num_tokens <= 0:
+            raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+        hits = self._prefix_hits(num_tokens, hashes, max_reuse_tokens)
+        needed = self.blocks_needed(num_tokens) - len(hits)
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         if needed + revived > len(self.free):
             raise CacheFullError(
-                f"KV cache full: the prompt of {num_tokens} tokens needs {needed + revived} free blocks of "
+                f"KV cache full: a sequence of {num_tokens} tokens needs {needed + revived} free blocks of "
                 f"{self.block_size} tokens, {len(self.free)} are free"
             )
-        seq = SeqBlocks(num_tokens=num_tokens, num_cached_tokens=len(reuse) * self.block_size)
-        for block_id in reuse:
+        seq = SeqBlocks(num_tokens=num_tokens, num_cached_tokens=len(hits) * self.block_size)
+        for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 self.free.remove(block_id)
@@ -148,18 +156,16 @@ class BlockManager:
             seq.block_table.append(block_id)
         for _ in range(needed):
             seq.block_table.append(self._take_free())
-        # Register the new full blocks so later prompts can share them.
-        for i in range(len(reuse), len(hashes)):
-            self._register(seq.block_table[i], hashes[i])
-        seq.block_hashes = hashes
         return seq
 
-    def _register(self, block_id: int, h: bytes) -> None:
-        self.blocks[block_id].hash = h
-        self.hash_to_block[h] = block_id
-
-    def can_append(self, seq: SeqBlocks, num_new_tokens: int = 1) -> bool:
-        return self.blocks_needed(seq.num_tokens + num_new_tokens) - len(seq.block_table) <= len(self.free)
+    def register(self, seq: SeqBlocks, index: int, h: bytes) -> None:
+        """Makes block ``index`` of ``seq`` (now full, its KV written) reusable by an equal prefix with hash ``h``."""
+        if not self.enable_prefix_caching or h in self.hash_to_block:
+            return
+        block = self.blocks[seq.block_table[index]]
+        if block.hash is None:
+            block.hash = h
+            self.hash_to_block[h] = block.block_id
 
     def append(self, seq: SeqBlocks, num_new_tokens: int = 1) -> None:
         """Makes room for ``num_new_tokens`` more tokens (a decode step): takes new blocks when needed."""
@@ -196,3 +202,6 @@ class BlockManager:
                 raise AssertionError(
                     f"block {block.block_id}: ref_count {block.ref_count}, on the free list: {block.block_id in free}"
                 )
+        for h, block_id in self.hash_to_block.items():
+            if self.blocks[block_id].hash != h:
+                raise AssertionError(f"hash index points at block {block_id}, which holds another hash")

@@ -1,18 +1,21 @@
-"""Runs one paged decoder (the Thinker LM or the Talker) step by step: prefill and batched decode.
+"""Runs one paged decoder (the Thinker's LM or the Talker) step by step: prefill chunks and batched decode.
 
 The runner owns the decoder's KV cache and block manager. Step metadata (slot mapping, block tables, context
-lengths) is built on the host from the block manager's lists, staged in pinned memory and copied to the
-device without a sync. On CUDA, decode steps replay CUDA graphs captured per batch-size bucket: the graph
-reads static input buffers, so a step is a few small copies plus one replay.
+lengths) is built on the host from the block manager's lists, staged in pinned memory and copied to the device
+without a sync. On CUDA, decode steps replay CUDA graphs captured per batch-size bucket (:meth:`capture_graphs`,
+called when the engine starts): the graph reads static input buffers, so a step is a few small copies plus one
+replay.
 
 The decoder is any module with ``forward(embeds (T, hidden), positions (3, T)) -> hidden (T, hidden)`` and
-``paged_attention_layers() -> list[PagedAttention]``; the step's metadata reaches its attention layers through
-:func:`omni_model.layers.context.attention_context`.
+``paged_attention_layers() -> list[PagedAttention]``; the step's metadata and the cache reach its attention layers
+through :func:`omni_model.layers.context.attention_context`. With ``store_hidden`` the final hidden state of every
+token computed is also written to the cache's hidden store, at the token's slot.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +26,7 @@ from omni_model.engine.graphs import capture
 from omni_model.engine.kv_cache import KVCache
 from omni_model.layers.context import AttentionMetadata, attention_context
 
+# Decode batch buckets that get a CUDA graph (a batch runs in the smallest bucket that holds it).
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
 
@@ -31,9 +35,11 @@ class RunnerConfig:
     num_blocks: int
     block_size: int = 16
     max_model_len: int = 32768
-    max_batch: int = 64
+    max_batch: int = 64  # the largest decode batch that replays a graph
     cuda_graphs: bool = True
     enable_prefix_caching: bool = True
+    graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES
+    store_hidden: bool = False
 
 
 @dataclass
@@ -46,6 +52,17 @@ class _Graph:
     out: torch.Tensor = field(default=None)
 
 
+def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor staged for a non-blocking copy to ``device`` (page-locked when that is a GPU)."""
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def to_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list or tensor on ``device`` without a sync: pinned staging and a non-blocking copy on CUDA."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return pinned(t, device).to(device, non_blocking=True)
+
+
 class DecoderRunner:
     """Prefill and decode steps of one decoder over its own paged KV cache."""
 
@@ -55,8 +72,10 @@ class DecoderRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         layers = decoder.paged_attention_layers()
-        self.cache = KVCache(layers, num_blocks=config.num_blocks, block_size=config.block_size, dtype=dtype,
-                             device=self.device)
+        hidden = decoder.hidden_size if config.store_hidden else 0
+        self.cache = KVCache(num_layers=len(layers), num_kv_heads=layers[0].num_kv_heads, head_dim=layers[0].head_dim,
+                             num_blocks=config.num_blocks, block_size=config.block_size, dtype=dtype,
+                             device=self.device, hidden_size=hidden)
         self.blocks = BlockManager(config.num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
@@ -66,85 +85,19 @@ class DecoderRunner:
 
     # ---------------------------------------------------------------------------------------- sequences
 
-    def allocate(self, token_ids: list[int], *, media_start: int | None = None, salt: bytes | None = None,
-                 reuse_prefix: bool = True) -> SeqBlocks:
-        """Blocks for a new prompt (raises :class:`CacheFullError` and changes nothing when it does not fit)."""
-        if len(token_ids) > self.config.max_model_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, more than max_model_len "
+    def allocate(self, num_tokens: int, hashes: Sequence[bytes] = (), *,
+                 max_reuse_tokens: int | None = None) -> SeqBlocks:
+        """Blocks for a new sequence (raises :class:`CacheFullError` and changes nothing when it does not fit)."""
+        if num_tokens > self.config.max_model_len:
+            raise ValueError(f"the sequence has {num_tokens} tokens, more than max_model_len "
                              f"{self.config.max_model_len}")
-        return self.blocks.allocate(token_ids, media_start=media_start, salt=salt, reuse_prefix=reuse_prefix)
+        return self.blocks.allocate(num_tokens, hashes, max_reuse_tokens=max_reuse_tokens)
 
     def free(self, seq: SeqBlocks) -> None:
         self.blocks.free_seq(seq)
 
-    # ---------------------------------------------------------------------------------------- metadata
-
-    def _block_table(self, seqs: list[SeqBlocks], rows: int) -> torch.Tensor:
-        width = self.max_blocks_per_seq if self.use_graphs else max(len(s.block_table) for s in seqs)
-        table = torch.zeros(rows, width, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        for i, s in enumerate(seqs):
-            table[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
-        return table
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, non_blocking=True)
-
-    def prefill_metadata(self, seqs: list[SeqBlocks], new_lens: list[int]) -> AttentionMetadata:
-        """Each sequence's last ``new_lens[i]`` tokens are new (the rest is cached)."""
-        pin = self.device.type == "cuda"
-        p = self.config.block_size
-        slots, cu, ctx = [], [0], []
-        for s, n in zip(seqs, new_lens):
-            start = s.num_tokens - n
-            pos = torch.arange(start, s.num_tokens)
-            table = torch.tensor(s.block_table, dtype=torch.int64)
-            slots.append(table[pos // p] * p + pos % p)
-            cu.append(cu[-1] + n)
-            ctx.append(s.num_tokens)
-        host = dict(
-            slot_mapping=torch.cat(slots),
-            cu=torch.tensor(cu, dtype=torch.int32),
-            ctx=torch.tensor(ctx, dtype=torch.int32),
-        )
-        if pin:
-            host = {k: v.pin_memory() for k, v in host.items()}
-        return AttentionMetadata(
-            is_prefill=True,
-            slot_mapping=self._to_device(host["slot_mapping"]),
-            block_tables=self._to_device(self._block_table(seqs, len(seqs))),
-            context_lens=self._to_device(host["ctx"]),
-            cu_seqlens_q=self._to_device(host["cu"]),
-            max_seqlen_q=max(new_lens),
-        )
-
-    def _decode_host(self, seqs: list[SeqBlocks], rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pin = self.device.type == "cuda"
-        slots = torch.full((rows,), -1, dtype=torch.int64)
-        ctx = torch.zeros(rows, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            slots[i] = self.blocks.slot(s, s.num_tokens - 1)
-            ctx[i] = s.num_tokens
-        if pin:
-            slots, ctx = slots.pin_memory(), ctx.pin_memory()
-        return slots, ctx, self._block_table(seqs, rows)
-
-    # ---------------------------------------------------------------------------------------- steps
-
-    @torch.inference_mode()
-    def prefill(self, seqs: list[SeqBlocks], embeds: torch.Tensor, positions: torch.Tensor,
-                new_lens: list[int] | None = None) -> torch.Tensor:
-        """Runs the new tokens of ``seqs`` (packed embeds (T, hidden), positions (3, T)) -> hidden (T, hidden)."""
-        if new_lens is None:
-            new_lens = [s.num_tokens - s.num_cached_tokens for s in seqs]
-        if sum(new_lens) != embeds.shape[0]:
-            raise ValueError(f"embeds has {embeds.shape[0]} rows, the sequences have {sum(new_lens)} new tokens")
-        meta = self.prefill_metadata(seqs, new_lens)
-        with attention_context(meta):
-            return self.decoder(embeds, positions)
-
     def reserve_decode(self, seqs: list[SeqBlocks]) -> list[int]:
-        """Makes room for one more token in each sequence; returns the indices that did not fit (their
-        requests must fail; the others go on)."""
+        """Makes room for one more token in each sequence; returns the indices that did not fit (unchanged)."""
         failed = []
         for i, s in enumerate(seqs):
             if s.num_tokens + 1 > self.config.max_model_len:
@@ -156,10 +109,75 @@ class DecoderRunner:
                 failed.append(i)
         return failed
 
+    # ---------------------------------------------------------------------------------------- metadata
+
+    def _block_table(self, seqs: Sequence[SeqBlocks], rows: int) -> torch.Tensor:
+        width = self.max_blocks_per_seq if self.use_graphs else max(len(s.block_table) for s in seqs)
+        table = torch.zeros(rows, width, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        return pinned(table, self.device)
+
+    def slots(self, seq: SeqBlocks, start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions [start, end) of ``seq`` on the host: (end - start,) int64."""
+        p = self.config.block_size
+        pos = torch.arange(start, end)
+        return torch.tensor(seq.block_table, dtype=torch.int64)[pos // p] * p + pos % p
+
+    def prefill_metadata(self, seqs: Sequence[SeqBlocks], starts: Sequence[int],
+                         new_lens: Sequence[int]) -> AttentionMetadata:
+        """Sequence i computes positions [starts[i], starts[i] + new_lens[i]) over its cached context before them."""
+        cu = [0]
+        for n in new_lens:
+            cu.append(cu[-1] + n)
+        slots = torch.cat([self.slots(s, a, a + n) for s, a, n in zip(seqs, starts, new_lens)])
+        ctx = torch.tensor([a + n for a, n in zip(starts, new_lens)], dtype=torch.int32)
+        return AttentionMetadata(
+            is_prefill=True,
+            kv_cache=self.cache,
+            slot_mapping=to_device(slots, self.device),
+            block_tables=to_device(self._block_table(seqs, len(seqs)), self.device),
+            context_lens=to_device(ctx, self.device),
+            cu_seqlens_q=to_device(torch.tensor(cu, dtype=torch.int32), self.device),
+            max_seqlen_q=max(new_lens),
+        )
+
+    def _decode_host(self, seqs: Sequence[SeqBlocks], rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        slots = torch.full((rows,), -1, dtype=torch.int64)
+        ctx = torch.zeros(rows, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            slots[i] = self.blocks.slot(s, s.num_tokens - 1)
+            ctx[i] = s.num_tokens
+        return pinned(slots, self.device), pinned(ctx, self.device), self._block_table(seqs, rows)
+
+    # ---------------------------------------------------------------------------------------- steps
+
+    def _run(self, meta: AttentionMetadata, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with attention_context(meta):
+            hidden = self.decoder(embeds, positions)
+        self.cache.store_hidden(hidden, meta.slot_mapping)
+        return hidden
+
     @torch.inference_mode()
-    def decode(self, seqs: list[SeqBlocks], embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per sequence, already reserved with :meth:`reserve_decode`: embeds (B, hidden), positions
-        (3, B) -> hidden (B, hidden)."""
+    def prefill(self, seqs: Sequence[SeqBlocks], embeds: torch.Tensor, positions: torch.Tensor,
+                starts: Sequence[int] | None = None, new_lens: Sequence[int] | None = None) -> torch.Tensor:
+        """Computes a chunk of each sequence: positions [starts[i], starts[i] + new_lens[i]) (default: everything
+        after the cached prefix) from packed embeds (T, hidden) and positions (3, T) -> hidden (T, hidden)."""
+        if starts is None:
+            starts = [s.num_cached_tokens for s in seqs]
+        if new_lens is None:
+            new_lens = [s.num_tokens - a for s, a in zip(seqs, starts)]
+        if sum(new_lens) != embeds.shape[0]:
+            raise ValueError(f"embeds has {embeds.shape[0]} rows, the chunks have {sum(new_lens)} tokens")
+        for s, a, n in zip(seqs, starts, new_lens):
+            if n <= 0 or a < 0 or a + n > s.num_tokens:
+                raise ValueError(f"chunk [{a}, {a + n}) lies outside the sequence's {s.num_tokens} reserved tokens")
+        return self._run(self.prefill_metadata(seqs, starts, new_lens), embeds, positions)
+
+    @torch.inference_mode()
+    def decode(self, seqs: Sequence[SeqBlocks], embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence at its last reserved position (see :meth:`reserve_decode`): embeds (B, hidden),
+        positions (3, B) -> hidden (B, hidden)."""
         batch = len(seqs)
         if self.use_graphs and batch <= self.config.max_batch:
             try:
@@ -170,46 +188,60 @@ class DecoderRunner:
                 warnings.warn(f"CUDA graph capture failed ({exc}); decoding without CUDA graphs", stacklevel=2)
                 self.use_graphs = False
                 self._graphs.clear()
-                self.blocks.check_invariants()
         slots, ctx, table = self._decode_host(seqs, batch)
         meta = AttentionMetadata(
             is_prefill=False,
-            slot_mapping=self._to_device(slots),
-            block_tables=self._to_device(table),
-            context_lens=self._to_device(ctx),
-            cu_seqlens_q=None,
+            kv_cache=self.cache,
+            slot_mapping=to_device(slots, self.device),
+            block_tables=to_device(table, self.device),
+            context_lens=to_device(ctx, self.device),
             max_seqlen_q=1,
         )
-        with attention_context(meta):
-            return self.decoder(embeds, positions)
+        return self._run(meta, embeds, positions)
 
     # ---------------------------------------------------------------------------------------- CUDA graphs
 
     def _bucket(self, batch: int) -> int:
-        for b in GRAPH_BATCH_SIZES:
-            if b >= batch and b <= self.config.max_batch:
+        for b in self.config.graph_batch_sizes:
+            if batch <= b <= self.config.max_batch:
                 return b
         return self.config.max_batch
+
+    def capture_graphs(self, hidden_size: int) -> int:
+        """Captures the decode graph of every bucket up to ``max_batch`` now (engine start); returns how many."""
+        if not self.use_graphs:
+            return 0
+        for bucket in sorted({self._bucket(b) for b in range(1, self.config.max_batch + 1)}):
+            if bucket not in self._graphs:
+                try:
+                    self._graphs[bucket] = self._capture(bucket, hidden_size)
+                except torch.cuda.CudaError:
+                    raise
+                except RuntimeError as exc:
+                    warnings.warn(f"CUDA graph capture failed ({exc}); decoding without CUDA graphs", stacklevel=2)
+                    self.use_graphs = False
+                    self._graphs.clear()
+                    return 0
+        return len(self._graphs)
 
     def _capture(self, bucket: int, hidden: int) -> _Graph:
         dev = self.device
         meta = AttentionMetadata(
             is_prefill=False,
+            kv_cache=self.cache,
             slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=dev),
             block_tables=torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
             context_lens=torch.zeros(bucket, dtype=torch.int32, device=dev),
-            cu_seqlens_q=None,
             max_seqlen_q=1,
         )
         g = _Graph(None, bucket, torch.zeros(bucket, hidden, dtype=self.dtype, device=dev),
                    torch.zeros(3, bucket, dtype=torch.int64, device=dev), meta)
-        with attention_context(meta):
-            g.graph, g.out = capture(lambda: self.decoder(g.embeds, g.positions), dev, self._graph_pool, warmup=2)
+        g.graph, g.out = capture(lambda: self._run(meta, g.embeds, g.positions), dev, self._graph_pool, warmup=2)
         if self._graph_pool is None:
             self._graph_pool = g.graph.pool()
         return g
 
-    def _decode_graph(self, seqs: list[SeqBlocks], embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _decode_graph(self, seqs: Sequence[SeqBlocks], embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         batch = len(seqs)
         bucket = self._bucket(batch)
         g = self._graphs.get(bucket)

@@ -3,8 +3,8 @@
 * :class:`VisionAttention`: ViT self-attention over packed patches, inside windows or whole frames
   (``window_attention`` over the given cu_seqlens), 2-D rotary applied in fp32.
 * :class:`AudioAttention`: Whisper-style self-attention inside each 2 s chunk (``window_attention``).
-* :class:`PagedAttention` + :class:`DecoderAttention`: the causal Qwen2 decoder attention of the Thinker (and
-  later the Talker) over a paged KV cache, driven by the per-step :mod:`omni_model.layers.context`.
+* :class:`PagedAttention` + :class:`DecoderAttention`: the causal Qwen2 decoder attention of the Thinker and the
+  Talker over a paged KV cache, driven by the per-step :mod:`omni_model.layers.context`.
 
 Packed shapes: T tokens, hidden -> (T, hidden).
 """
@@ -76,13 +76,13 @@ class PagedAttention(nn.Module):
 
     Prefill: ``apply_tmrope`` + ``store_kv_cache`` + ``paged_prefill_attention`` (causal over the cached context);
     decode: the fused ``tmrope_store_kv`` (one launch for the small batch) + ``paged_decode_attention``.
-    ``k_cache`` / ``v_cache`` (NB, P, Hk, D) are plain attributes bound by whoever allocates the cache (the
-    engine's ``KVCache``, or ``omni_model.model.transient_prefill``); the step's metadata comes from
-    :func:`omni_model.layers.context.get_context`.
+    The cache and the step's metadata come from :func:`omni_model.layers.context.get_context`; this layer reads the
+    cache tensors of its ``layer_index``.
     """
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, *, mrope_section: list[int], rope_theta: float
+        self, num_heads: int, num_kv_heads: int, head_dim: int, *, mrope_section: list[int], rope_theta: float,
+        layer_index: int,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -93,27 +93,25 @@ class PagedAttention(nn.Module):
         self.mrope_section = list(mrope_section)
         self.rope_theta = rope_theta
         self.scale = head_dim**-0.5
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
+        self.layer_index = layer_index
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hk, D) (strided views are fine; q and k are rotated in place), positions (3, T)
         -> (T, Hq, D). In decode T is the batch (one token per sequence)."""
-        if self.k_cache is None or self.v_cache is None:
-            raise RuntimeError("PagedAttention has no KV cache: allocate one before running the decoder")
         ctx = get_context()
+        k_cache, v_cache = ctx.kv_cache.layer(self.layer_index)
         backend = get_backend()
         rope = dict(mrope_section=self.mrope_section, rope_theta=self.rope_theta, backend=backend)
         if ctx.is_prefill:
             apply_tmrope(q, k, positions, **rope)
-            store_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, backend=backend)
+            store_kv_cache(k, v, k_cache, v_cache, ctx.slot_mapping, backend=backend)
             return paged_prefill_attention(
-                q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.context_lens,
+                q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.context_lens,
                 scale=self.scale, backend=backend,
             )
-        tmrope_store_kv(q, k, v, positions, self.k_cache, self.v_cache, ctx.slot_mapping, **rope)
+        tmrope_store_kv(q, k, v, positions, k_cache, v_cache, ctx.slot_mapping, **rope)
         return paged_decode_attention(
-            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, scale=self.scale, backend=backend
+            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale=self.scale, backend=backend
         )
 
 
@@ -132,6 +130,7 @@ class DecoderAttention(nn.Module):
         *,
         mrope_section: list[int],
         rope_theta: float,
+        layer_index: int,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -140,7 +139,7 @@ class DecoderAttention(nn.Module):
         )
         self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
         self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, mrope_section=mrope_section,
-                                   rope_theta=rope_theta)
+                                   rope_theta=rope_theta, layer_index=layer_index)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (T, hidden), positions (3, T) -> (T, hidden)."""

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import torch
 
-
-def rotary_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
-    """``1 / theta^(2i/dim)`` for i < dim/2, fp32: (dim // 2,)."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+from omni_kernels.apply_tmrope import rope_inv_freq
 
 
 def vision_rotary_angles(pos_hw: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """Angles of the 2-D vision rotary: pos_hw (N, 2) (row, column) -> (N, head_dim // 2) fp32."""
-    inv = rotary_inv_freq(head_dim // 2, theta, device=pos_hw.device)
+    inv = rope_inv_freq(head_dim // 2, theta, pos_hw.device)
     pos = pos_hw.to(torch.float32)
     return torch.cat([pos[:, :1] * inv, pos[:, 1:2] * inv], dim=-1)
 

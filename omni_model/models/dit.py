@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_kernels import sliding_block_attention
+from omni_kernels.apply_tmrope import rope_inv_freq
 from omni_model.layers.backend import get_backend
 from omni_model.layers.mlp import MergedLinear
 from omni_model.models.ecapa import ECAPATDNN
@@ -32,6 +33,7 @@ from omni_model.models.ecapa import ECAPATDNN
 TIME_FREQ_DIM = 256  # sinusoidal time features (HF DiTTimestepEmbedding freq_embed_dim)
 TIME_SCALE = 1000.0  # t in [0, 1] is scaled by 1000 before the sinusoid
 NORM_EPS = 1e-6
+ROPE_THETA = 10000.0  # HF fixes the DiT's RoPE base in code (Qwen2_5OmniDiTRotaryEmbedding), not in the config
 
 
 def check_codes(codes: torch.Tensor, num_embeds: int) -> None:
@@ -196,7 +198,7 @@ class DiT(nn.Module):
         # RoPE frequencies 1 / 1e4^(2i/D) (HF fixes the base at 1e4 in code and saves them with the weights as
         # rotary_embed.inv_freq; Token2Wav.load_weights checks that tensor against this one).
         self.rotary_embed = nn.Module()
-        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+        inv_freq = rope_inv_freq(cfg.head_dim, ROPE_THETA, torch.get_default_device()).clone()
         self.rotary_embed.register_buffer("inv_freq", inv_freq, persistent=False)
         # (look_back, look_ahead) in blocks per layer: 7B (1, 0) in layers 0 and 20, (0, 1) in 10, (0, 0) elsewhere.
         self.transformer_blocks = nn.ModuleList(DiTBlock(cfg, *cfg.block_window(i))
@@ -221,10 +223,10 @@ class DiT(nn.Module):
         """The time-independent input of the DiT: (S, repeats * N, hidden), S = 2B with guidance (the B
         conditional rows, then the B unconditional ones: code 0, zero speaker vector, zero reference mel).
 
-        codes (B, N) int (a whole utterance or a streaming window); cond (B, enc_emb_dim) speaker vector; either
-        ref_mel (B, T_ref, mel) or its :meth:`voice` (S, enc_dim), computed with the same ``guidance``.
+        codes (B, N) int in [0, num_embeds) (checked by the callers, on the host: :func:`check_codes`; a whole
+        utterance or a streaming window); cond (B, enc_emb_dim) speaker vector; either ref_mel (B, T_ref, mel) or its
+        :meth:`voice` (S, enc_dim), computed with the same ``guidance``.
         """
-        check_codes(codes, self.num_embeds)
         if (ref_mel is None) == (voice is None):
             raise ValueError("pass exactly one of ref_mel and voice")
         if voice is None:
@@ -237,20 +239,41 @@ class DiT(nn.Module):
             raise ValueError(f"voice has {voice.shape[0]} rows, expected {codes.shape[0]} (guidance={guidance})")
         return self.input_embed.static(voice.to(self.dtype), self.text_embed(codes), cond)
 
-    def rope(self, length: int, device) -> torch.Tensor:
-        """cos + i sin (L, D // 2) complex64 of positions 0..L-1 (every sequence and chunk restarts at 0); the
-        angles, cos and sin in fp32 as HF computes them."""
-        angles = torch.arange(length, device=device).float().unsqueeze(1) * self.rotary_embed.inv_freq.unsqueeze(0)
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """cos + i sin (T, D // 2) complex64 of positions (T,) (every sequence and chunk restarts at 0); the angles,
+        cos and sin in fp32 as HF computes them."""
+        angles = positions.float().unsqueeze(1) * self.rotary_embed.inv_freq.unsqueeze(0)
         return torch.complex(angles.cos(), angles.sin())
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def packed_layout(lengths: list[int], branches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host index math of sequences packed along the length: (positions (T,) int64 restarting at 0 in every
+        sequence, cu_seqlens (branches * len(lengths) + 1,) int32 over the S = ``branches`` rows of T frames)."""
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        total, starts = sum(lengths), [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        cu = [b * total + a for b in range(branches) for a in starts[:-1]] + [branches * total]
+        return positions, torch.tensor(cu, dtype=torch.int32)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, static: torch.Tensor,
+                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Velocity (S, L, mel) of the noisy mel x (B, L, mel) at time t (0-d or (1,)), given ``static`` from
-        :meth:`conditioning` (S, L, hidden) with S = B (no guidance) or 2B (x shared by both branches)."""
+        :meth:`conditioning` (S, L, hidden) with S = B (no guidance) or 2B (x shared by both branches).
+
+        ``layout``: None for S sequences of L frames each; or several sequences packed along L (B = 1: a batch of
+        streaming windows of different lengths), given as (rot (L, D // 2) complex64 from :meth:`rope` of the
+        packed positions, cu_seqlens over the S * L frames) from :meth:`packed_layout`: positions and the DiT
+        blocks restart in every sequence.
+        """
         seqs, length, _ = static.shape
         h = self.input_embed(x.to(self.dtype), static)
         t_emb = self.time_embed(t.reshape(-1)[:1])
-        rot = self.rope(length, h.device)
-        cu_seqlens = torch.arange(seqs + 1, device=h.device, dtype=torch.int32) * length
+        if layout is None:
+            rot = self.rope(torch.arange(length, device=h.device))
+            cu_seqlens = torch.arange(seqs + 1, device=h.device, dtype=torch.int32) * length
+        else:
+            rot, cu_seqlens = layout
         for block in self.transformer_blocks:
             h = block(h, t_emb, rot, cu_seqlens, self.allow_tf32)
         scale, shift = self.norm_out(t_emb)

@@ -9,7 +9,7 @@
 
 Inputs (REFERENCE.md "Talker inputs"; HF ``Qwen2_5OmniForConditionalGeneration.generate`` and the talker's
 ``forward``): the prompt is built by :meth:`Talker.prompt_embeds`, each decode step by :meth:`Talker.step_embeds`;
-both are then projected by :meth:`Talker.project`. The generate loop (``omni_model.pipeline``) owns the order.
+both are then projected by :meth:`Talker.project`. The engine (``omni_model.engine``) owns the order.
 Positions: the prompt uses the TMRoPE ids of ``prompt ids + [speaker bos] + [first reply token]``
 (:meth:`Talker.prompt_positions`), a decode step ``cache_len + delta`` on all three axes.
 """
@@ -45,6 +45,7 @@ class Talker(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         self.config = cfg
+        self.hidden_size = cfg.hidden_size
         self.thinker_to_talker_proj = nn.Linear(cfg.embedding_size, cfg.hidden_size, bias=True)
         self.model = TalkerModel(cfg)
         self.codec_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -55,7 +56,7 @@ class Talker(nn.Module):
         load_module(self, state_dict, prefix, what="talker")
 
     def paged_attention_layers(self) -> list[PagedAttention]:
-        """The layers a KV cache binds its ``k_cache`` / ``v_cache`` to (one per decoder layer, in order)."""
+        """The paged attention of every decoder layer, in order (a KV cache is sized from them)."""
         return self.model.paged_attention_layers()
 
     # ------------------------------------------------------------------------------------------- inputs
@@ -89,9 +90,8 @@ class Talker(nn.Module):
         if media_mask is not None:
             thinker_embeds = thinker_embeds.masked_fill(media_mask[:, None], 0)
         cfg = self.config
-        codec = self.embed_codes(
-            torch.tensor([cfg.tts_codec_pad_token_id, cfg.tts_codec_start_token_id], device=first_reply.device)
-        )
+        table = self.model.embed_tokens.weight  # rows read by index: no id tensor to copy to the device
+        codec = torch.stack([table[cfg.tts_codec_pad_token_id], table[cfg.tts_codec_start_token_id]])
         tail = torch.stack([speaker_embed, first_reply]) + codec
         return torch.cat([thinker_hidden + thinker_embeds, tail])
 

@@ -22,7 +22,7 @@ from omni_model.models.vision_encoder import VisionEncoder
 class DecoderLayer(nn.Module):
     """Pre-norm Qwen2 block: RMSNorm, TMRoPE attention, RMSNorm, SwiGLU (fused gate/up)."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.self_attn = DecoderAttention(
@@ -32,6 +32,7 @@ class DecoderLayer(nn.Module):
             cfg.head_dim,
             mrope_section=cfg.mrope_section,
             rope_theta=cfg.rope_theta,
+            layer_index=layer_index,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act)
@@ -51,8 +52,9 @@ class ThinkerTextModel(nn.Module):
 
     def __init__(self, cfg) -> None:
         super().__init__()
+        self.hidden_size = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,7 @@ class ThinkerTextModel(nn.Module):
         return self.norm.add_forward(x, residual)[0]
 
     def paged_attention_layers(self) -> list[PagedAttention]:
-        """The layers whose ``k_cache`` / ``v_cache`` a KV cache binds (one per decoder layer, in order)."""
+        """The paged attention of every decoder layer, in order (a KV cache is sized from them)."""
         return [layer.self_attn.attn for layer in self.layers]
 
 

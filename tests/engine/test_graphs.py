@@ -138,9 +138,10 @@ def test_real_capture_of_a_syncing_step_falls_back():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_stream_equals_eager_stream():
     from omni_model.config import OmniConfig
-    from omni_model.hf_compat import randomize_weights_, tiny_speakers
+    from omni_model.hf_compat import randomize_weights_
+    from omni_model.loader import random_speakers
     from omni_model.models.token2wav import Token2Wav
-    from omni_model.streaming import graph_cache, stream_audio
+    from omni_model.streaming import Token2WavRunner, stream_audio
 
     config = OmniConfig.preset("tiny")
     model = Token2Wav(config.token2wav_config)
@@ -148,25 +149,27 @@ def test_graphed_stream_equals_eager_stream():
     holder.token2wav = model
     randomize_weights_(holder, seed=0)
     model = model.cuda()
-    speaker = tiny_speakers(config)["Chelsie"]
+    speaker = random_speakers(config)["Chelsie"]
     cond, ref_mel = speaker["cond"].float(), speaker["ref_mel"].float()
     gen = torch.Generator().manual_seed(1)
     codes = torch.randint(0, model.dit.num_embeds, (1, 150), generator=gen)
     noise = torch.randn(1, 30000, model.dit.cfg.mel_dim, generator=gen)
     eager, _ = stream_audio(model, codes, cond, ref_mel, noise, cuda_graphs=False)
+    runner = Token2WavRunner(model)
     for _ in range(2):  # the second utterance replays the graphs the first captured
-        graphed, _ = stream_audio(model, codes, cond, ref_mel, noise)
+        graphed, _ = stream_audio(model, codes, cond, ref_mel, noise, runner=runner)
         np.testing.assert_allclose(graphed, eager, rtol=1e-5, atol=1e-6)
-    assert len(graph_cache(model)) >= 2, "the DiT solve and the vocoder of the steady chunks were captured"
+    assert len(runner.graphs) >= 2, "the DiT solve and the vocoder of the steady chunks were captured"
 
 
 def test_streamer_feeds_every_chunk_through_the_graph_inputs(fake_capture):
     """Streaming Token2Wav with the stand-in capture on CPU: a chunk step that read anything of its window other
     than its inputs (a closed-over conditioning or noise slice) would replay the first window's audio."""
     from omni_model.config import OmniConfig
-    from omni_model.hf_compat import randomize_weights_, tiny_speakers
+    from omni_model.hf_compat import randomize_weights_
+    from omni_model.loader import random_speakers
     from omni_model.models.token2wav import Token2Wav
-    from omni_model.streaming import graph_cache, stream_audio
+    from omni_model.streaming import Token2WavRunner, stream_audio
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -176,17 +179,19 @@ def test_streamer_feeds_every_chunk_through_the_graph_inputs(fake_capture):
         holder = nn.Module()
         holder.token2wav = model
         randomize_weights_(holder, seed=0)
-        speaker = tiny_speakers(config)["Chelsie"]
+        speaker = random_speakers(config)["Chelsie"]
         cond, ref_mel = speaker["cond"].float(), speaker["ref_mel"].float()
         gen = torch.Generator().manual_seed(1)
         codes = torch.randint(0, model.dit.num_embeds, (1, 200), generator=gen)  # 4 chunks + a last one
         noise = torch.randn(1, 30000, model.dit.cfg.mel_dim, generator=gen)
-        eager, _ = stream_audio(model, codes, cond, ref_mel, noise, cuda_graphs=False)
-        graph_cache(model).enabled = True  # as on CUDA, with the stand-in capture
-        graphed, streamer = stream_audio(model, codes, cond, ref_mel, noise)
+        eager, _ = stream_audio(model, codes, cond, ref_mel, noise, cuda_graphs=False, push_size=12)
+        runner = Token2WavRunner(model)
+        runner.graphs.enabled = True  # as on CUDA, with the stand-in capture
+        # 12 codes a push: each chunk runs alone, so every window shape recurs and replays its graph.
+        graphed, streamer = stream_audio(model, codes, cond, ref_mel, noise, runner=runner, push_size=12)
         np.testing.assert_array_equal(graphed, eager)
         replays = sum(g.replays for g, _ in fake_capture)
-        assert len(streamer.chunks) >= 4 and len(graph_cache(model)) >= 3
+        assert len(streamer.chunks) >= 4 and len(runner.graphs) >= 3
         assert replays == 2 * (len(streamer.chunks) - 1), "every non-final chunk's DiT and vocoder replayed"
     finally:
         torch.set_num_threads(threads)

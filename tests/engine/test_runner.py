@@ -10,7 +10,6 @@ from omni_kernels import available
 from omni_model.engine.block_manager import CacheFullError
 from omni_model.engine.runner import DecoderRunner, RunnerConfig
 from omni_model.layers.backend import use_backend
-from omni_model.layers.context import attention_context, consecutive_block_tables, prefill_metadata
 from omni_model.models.thinker import ThinkerTextModel
 
 CFG = SimpleNamespace(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -38,15 +37,15 @@ def _positions(n_tokens, start=0):
     return torch.arange(start, start + n_tokens).expand(3, -1)
 
 
+def _runner(model, num_blocks, **kwargs):
+    return DecoderRunner(model, RunnerConfig(num_blocks=num_blocks, block_size=4, max_model_len=64, **kwargs),
+                         dtype=torch.float32, device=torch.device("cpu"))
+
+
 def _recompute_next(model, head, ids):
     """Greedy next token by a full forward over the whole sequence in a fresh transient cache."""
-    tables, nblocks = consecutive_block_tables([len(ids)], 4)
-    layers = model.paged_attention_layers()
-    for layer in layers:
-        layer.k_cache = torch.zeros(nblocks, 4, CFG.num_key_value_heads, CFG.head_dim)
-        layer.v_cache = torch.zeros_like(layer.k_cache)
-    with attention_context(prefill_metadata([len(ids)], tables, 4)):
-        hidden = model(model.embed_tokens(torch.tensor(ids)), _positions(len(ids)))
+    runner = _runner(model, -(-len(ids) // 4))
+    hidden = runner.prefill([runner.allocate(len(ids))], model.embed_tokens(torch.tensor(ids)), _positions(len(ids)))
     return int((hidden[-1] @ head.T).argmax())
 
 
@@ -63,9 +62,8 @@ def test_paged_greedy_equals_recomputation(backend):
                 ids.append(_recompute_next(model, head, ids))
             expected.append(ids[len(p):])
 
-        runner = DecoderRunner(model, RunnerConfig(num_blocks=32, block_size=4, max_model_len=64),
-                               dtype=torch.float32, device=torch.device("cpu"))
-        seqs = [runner.allocate(p) for p in prompts]
+        runner = _runner(model, 32)
+        seqs = [runner.allocate(len(p)) for p in prompts]
         embeds = model.embed_tokens(torch.tensor([t for p in prompts for t in p]))
         positions = torch.cat([_positions(len(p)) for p in prompts], dim=1)
         hidden = runner.prefill(seqs, embeds, positions)
@@ -88,12 +86,11 @@ def test_paged_greedy_equals_recomputation(backend):
 def test_full_cache_fails_only_the_overflowing_request():
     model, head = _model(1)
     with torch.no_grad():
-        runner = DecoderRunner(model, RunnerConfig(num_blocks=5, block_size=4, max_model_len=64),
-                               dtype=torch.float32, device=torch.device("cpu"))
-        a = runner.allocate([1, 2, 3, 4, 5, 6, 7, 8])  # 2 blocks, full
-        b = runner.allocate([1, 2, 3])  # 1 block, 1 free slot
+        runner = _runner(model, 5)
+        a = runner.allocate(8)  # 2 blocks, full
+        b = runner.allocate(3)  # 1 block, 1 free slot
         with pytest.raises(CacheFullError):
-            runner.allocate(list(range(10, 30)))
+            runner.allocate(20)
         seqs = [a, b]
         runner.prefill(seqs, model.embed_tokens(torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3])),
                        torch.cat([_positions(8), _positions(3)], dim=1))
@@ -109,3 +106,25 @@ def test_full_cache_fails_only_the_overflowing_request():
         runner.free(b)
         runner.blocks.check_invariants()
         assert runner.blocks.num_free_blocks == 5
+
+
+def test_chunked_prefill_equals_one_prefill_and_stores_hidden():
+    """A prompt prefilled in three chunks over its cached context gives the hidden states of one prefill, and the
+    hidden store holds each token's final state at its slot."""
+    model, _ = _model(2)
+    ids = list(range(1, 12))
+    with torch.no_grad():
+        whole = _runner(model, 8)
+        expected = whole.prefill([whole.allocate(len(ids))], model.embed_tokens(torch.tensor(ids)),
+                                 _positions(len(ids)))
+        runner = _runner(model, 8, store_hidden=True)
+        seq = runner.allocate(len(ids))
+        parts = []
+        for a, b in ((0, 3), (3, 8), (8, 11)):
+            parts.append(runner.prefill([seq], model.embed_tokens(torch.tensor(ids[a:b])), _positions(b - a, a),
+                                        starts=[a], new_lens=[b - a]))
+        torch.testing.assert_close(torch.cat(parts), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(runner.cache.read_hidden(runner.slots(seq, 0, len(ids))), torch.cat(parts))
+        with pytest.raises(ValueError, match="outside"):
+            runner.prefill([seq], model.embed_tokens(torch.tensor([1, 2])), _positions(2, 10), starts=[10],
+                           new_lens=[2])

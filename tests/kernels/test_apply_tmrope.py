@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from omni_kernels import apply_tmrope, apply_tmrope_ref, available
-from omni_kernels.apply_tmrope import tmrope_cos_sin, tmrope_inv_freq
+from omni_kernels.apply_tmrope import rope_inv_freq, tmrope_cos_sin
 from omni_kernels.testing import assert_close, assert_close_to_oracle, skip_unless_backend
 
 BACKENDS = [
@@ -55,7 +55,7 @@ def _case(num_tokens, config, dtype, device, *, pad=8, max_pos=40000, seed=0, sc
 def _rotated_fp64(x, positions, config, cos_sin_dtype):
     """x rotated in fp64 by cos/sin rounded to ``cos_sin_dtype`` (fp64: HF's fp32 values, unrounded)."""
     _, _, head_dim, sections, theta = config
-    cos, sin = tmrope_cos_sin(positions, tmrope_inv_freq(head_dim, theta, x.device), sections, cos_sin_dtype)
+    cos, sin = tmrope_cos_sin(positions, rope_inv_freq(head_dim, theta, x.device), sections, cos_sin_dtype)
     x = x.double()
     rotated = torch.cat((-x[..., head_dim // 2:], x[..., :head_dim // 2]), dim=-1)
     return x * cos.double()[:, None, :] + rotated * sin.double()[:, None, :]
@@ -143,7 +143,7 @@ def test_text_positions_match_plain_rope(backend, device):
     num_q_heads, num_kv_heads, head_dim, sections, theta = THINKER_7B
     _, q, k, _ = _case(5, THINKER_7B, torch.float32, device)
     ids = torch.tensor([0, 1, 17, 4095, 32767], device=device)
-    angle = (ids.float()[:, None] * tmrope_inv_freq(head_dim, theta, device)).double()
+    angle = (ids.float()[:, None] * rope_inv_freq(head_dim, theta, device)).double()
     angle = torch.cat((angle, angle), dim=-1)[:, None, :]
     expect_q = q.double() * angle.cos() + torch.cat((-q[..., 64:], q[..., :64]), -1).double() * angle.sin()
     apply_tmrope(q, k, ids.expand(3, -1), mrope_section=sections, rope_theta=theta, backend=backend)
@@ -173,7 +173,7 @@ def test_reference_equals_hf(dtype, config):
                                           rope_scaling=rope_scaling)
     _, q, k, positions = _case(37, CONFIGS[config], dtype, "cpu", scale=3.0)
     rotary = hf.Qwen2_5OmniRotaryEmbedding(config=hf_config)
-    assert torch.equal(rotary.inv_freq, tmrope_inv_freq(head_dim, theta, "cpu"))
+    assert torch.equal(rotary.inv_freq, rope_inv_freq(head_dim, theta, "cpu"))
     q_hf, k_hf = q.transpose(0, 1)[None], k.transpose(0, 1)[None]
     cos, sin = rotary(q_hf, positions[:, None, :])
     q_hf, k_hf = hf.apply_multimodal_rotary_pos_emb(q_hf, k_hf, cos, sin, list(sections))

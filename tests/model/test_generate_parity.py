@@ -23,10 +23,12 @@ def models(tiny_hf_checkpoint):
 
 
 def _assert_no_blocks_held(model):
-    engine = model._engine
+    engine = model.engine
     for runner in (engine.thinker, engine.talker):
         runner.blocks.check_invariants()
         assert runner.blocks.num_free_blocks == runner.config.num_blocks, "a request kept cache blocks"
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == stats["draining"] == 0
 
 
 def _inputs(config, with_image=False):
@@ -166,7 +168,7 @@ def test_bad_generation_inputs(models, tmp_path):
         ours.generate(**inputs, speaker="Nobody")
     with pytest.raises(TypeError, match="unexpected keyword arguments: talker_beams"):
         ours.generate(**inputs, talker_beams=2)
-    with pytest.raises(ValueError, match="thinker_max_new_tokens must be a positive int"):
+    with pytest.raises(ValueError, match="thinker_max_new_tokens must be an int >= 1"):
         ours.generate(**inputs, thinker_max_new_tokens=0)
     text_model = OmniModel.from_config(ours.config, device="cpu", dtype=torch.float32, enable_audio_output=False)
     with pytest.raises(ValueError, match="enable_audio_output=True"):
@@ -185,7 +187,7 @@ def _first_new_token(ids: list[int], seen_before: list[int]) -> int:
     pytest.skip("the greedy reply repeats every id: no mid-reply stop id to pick")
 
 
-def test_stop_mid_reply_matches_hf(models):
+def test_stop_mid_reply_matches_hf(models, monkeypatch):
     """The reply ends at an end-of-turn id in the middle (not at thinker_max_new_tokens): ours reads each token
     back one step after feeding it, so the step fed with the stop id must leave no trace in the text, the codes
     (its reply element) or the cache. HF stops at the same id."""
@@ -200,12 +202,8 @@ def test_stop_mid_reply_matches_hf(models):
     with torch.no_grad():
         hf_seq, hf_codes = _hf_generate_codes(hf, ours.config, inputs, **kw, thinker_max_new_tokens=12,
                                               thinker_eos_token_id=stop)
-    saved = ours.eos_token_ids
-    ours.eos_token_ids = (stop,)
-    try:
-        out = ours.generate(**inputs, **kw, thinker_max_new_tokens=12, seed=0)
-    finally:
-        ours.eos_token_ids = saved
+    monkeypatch.setattr(ours.engine, "stop_ids", {stop})
+    out = ours.generate(**inputs, **kw, thinker_max_new_tokens=12, seed=0)
     assert out.sequences[0, prompt_len:].tolist() == reply[:at + 1]
     assert torch.equal(out.sequences, hf_seq)
     n = min(len(hf_codes), len(out.codes[0]))
@@ -216,21 +214,13 @@ def test_stop_mid_reply_matches_hf(models):
 
 def test_codec_stop_mid_speech_truncates(models, monkeypatch):
     """A stop code read back one step late: the codes are exactly those before it, as if every step synced."""
-    from omni_model import pipeline
-
     _, ours = models
     inputs = _inputs(ours.config)
     kw = dict(speaker="Ethan", thinker_max_new_tokens=THINKER_NEW, talker_max_new_tokens=TALKER_NEW,
               talker_do_sample=False, return_audio=True, seed=0)
     free = ours.generate(**inputs, **kw).codes[0].tolist()
     at = _first_new_token(free, [])
-    original = pipeline._Generation.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.codec_stop = self.codec_stop | {free[at]}
-
-    monkeypatch.setattr(pipeline._Generation, "__init__", init)
+    monkeypatch.setattr(ours.engine, "codec_stop", ours.engine.codec_stop | {free[at]})
     out = ours.generate(**inputs, **kw)
     assert out.codes[0].tolist() == free[:at]
     assert len(out.audio[0]) > 0
@@ -239,51 +229,49 @@ def test_codec_stop_mid_speech_truncates(models, monkeypatch):
 
 def test_steps_read_tokens_back_one_step_late(models, monkeypatch):
     """No step waits for its own sample: every token is read back only after the next step was launched."""
-    from omni_model import pipeline
+    from omni_model.engine import readback
 
     _, ours = models
     inputs = _inputs(ours.config)
     log = []
-    engine = pipeline.engine_for(ours)
+    engine = ours.engine
     decode = engine.thinker.decode
 
     def logged_decode(*args, **kwargs):
         log.append("decode")
         return decode(*args, **kwargs)
 
-    values = pipeline._Readback.values
+    values = readback.Readback.values
 
     def logged_values(self):
         log.append("read")
         return values(self)
 
     monkeypatch.setattr(engine.thinker, "decode", logged_decode)
-    monkeypatch.setattr(pipeline._Readback, "values", logged_values)
+    monkeypatch.setattr(readback.Readback, "values", logged_values)
     ours.generate(**inputs, thinker_max_new_tokens=5, return_audio=False)
     # prefill sample, then decode 1 .. 4: each read comes after the launch of the step fed by the token read.
     assert log == ["decode", "read"] * 4 + ["read"], log
 
 
-def test_full_cache_fails_only_the_overflowing_row(models):
-    """Two rows share a thinker cache too small for both replies: the longer prompt runs out mid-reply and fails
-    with a clear error; the other row's reply is the one it gets alone; every block comes back."""
-    from omni_model import pipeline
+def test_row_that_cannot_fit_fails_alone(tiny_hf_checkpoint):
+    """A row whose prompt and reply can never fit the KV cache fails before any allocation, with a clear error; the
+    other row's reply is the one it gets alone; every block comes back. Alone, such a prompt raises."""
+    from omni_model import EngineConfig
 
-    _, ours = models
+    path, _ = tiny_hf_checkpoint
+    small = OmniModel.from_pretrained(path, device="cpu", dtype=torch.float32, backend="torch",
+                                      engine_config=EngineConfig(kv_cache_tokens=32, block_size=4, max_num_seqs=4,
+                                                                 max_num_batched_tokens=64))
     long_ids, short_ids = list(range(20, 52)), [11, 12, 13]  # 32 and 3 tokens
     new = 6
-    saved = getattr(ours, "_engine", None)
-    alone = ours.generate(input_ids=torch.tensor([short_ids]), thinker_max_new_tokens=new, return_audio=False)
-    # Blocks of 4: the short row needs 3 (9 tokens), the long prompt 8 and then one more after 4 reply tokens.
-    engine = pipeline.Engine(ours, max_tokens=4 * 11, block_size=4)
-    object.__setattr__(ours, "_engine", engine)
-    try:
-        batch = dict(input_ids=torch.tensor([long_ids, [0] * 29 + short_ids]),
-                     attention_mask=torch.tensor([[1] * 32, [0] * 29 + [1] * 3]))
-        out = ours.generate(**batch, thinker_max_new_tokens=new, return_audio=False)
-        assert out.errors[0] is not None and "KV cache full" in out.errors[0]
-        assert out.errors[1] is None
-        assert out.sequences[1, -new:].tolist() == alone.sequences[0, -new:].tolist()
-        _assert_no_blocks_held(ours)
-    finally:
-        object.__setattr__(ours, "_engine", saved)
+    alone = small.generate(input_ids=torch.tensor([short_ids]), thinker_max_new_tokens=new, return_audio=False)
+    batch = dict(input_ids=torch.tensor([long_ids, [0] * 29 + short_ids]),
+                 attention_mask=torch.tensor([[1] * 32, [0] * 29 + [1] * 3]))
+    out = small.generate(**batch, thinker_max_new_tokens=new, return_audio=False)
+    assert out.errors[0] is not None and "KV cache" in out.errors[0] and "thinker_max_new_tokens" in out.errors[0]
+    assert out.errors[1] is None
+    assert out.sequences[1, -new:].tolist() == alone.sequences[0, -new:].tolist()
+    _assert_no_blocks_held(small)
+    with pytest.raises(ValueError, match="KV cache"):
+        small.generate(input_ids=torch.tensor([long_ids]), thinker_max_new_tokens=new, return_audio=False)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from omni_model.config import OmniConfig
-from omni_model.hf_compat import randomize_weights_, tiny_speakers
+from omni_model.hf_compat import randomize_weights_
+from omni_model.loader import random_speakers
 from omni_model.models.token2wav import Token2Wav
-from omni_model.streaming import Token2WavStreamer, stream_audio, stream_snr_db
+from omni_model.streaming import Token2WavRunner, Token2WavStreamer, Utterance, stream_audio, stream_snr_db
 
 NUM_CODES = 150  # 3 default chunks and a partial one; not a multiple of the block (12 codes) or the chunk (48)
 
@@ -42,7 +43,7 @@ def setup(one_thread):
     holder = nn.Module()
     holder.token2wav = model  # hf_compat's gains are keyed by checkpoint names (token2wav.code2wav_...)
     randomize_weights_(holder, seed=0)
-    speaker = tiny_speakers(config)["Chelsie"]
+    speaker = random_speakers(config)["Chelsie"]
     cond, ref_mel = speaker["cond"].float(), speaker["ref_mel"].float()
     gen = torch.Generator().manual_seed(1)
     codes = torch.randint(0, model.dit.num_embeds, (1, NUM_CODES), generator=gen)
@@ -64,14 +65,42 @@ def test_stream_snr_db():
         stream_snr_db(ref, ref[:-1])
 
 
-def test_conditioning_equals_dit(setup):
-    """The per-chunk conditioning (ECAPA computed once) is DiT.conditioning of the window, both guidance modes."""
-    model, codes, cond, ref_mel, noise, _ = setup
-    window = codes[:, 24:108]
-    for scale, guidance in ((0.5, True), (0.0, False)):
-        streamer = Token2WavStreamer(model, cond, ref_mel, noise, guidance_scale=scale)
-        expected = model.dit.conditioning(window, cond, ref_mel, guidance=guidance)
-        torch.testing.assert_close(streamer.conditioning(window), expected, rtol=1e-6, atol=1e-6)
+def test_batched_chunks_equal_each_utterance_alone(setup):
+    """Chunks of several utterances run together (one DiT solve over their windows packed along the length, first
+    chunks beside later ones, one vocoder call per window length) give each utterance its solo audio; a reply that
+    is not streamed (chunked=False) is the non-streaming Token2Wav."""
+    model, codes, cond, ref_mel, noise, full = setup
+    gen = torch.Generator().manual_seed(3)
+    others = [torch.randint(0, model.dit.num_embeds, (n,), generator=gen).tolist() for n in (70, 31)]
+    noise2 = torch.randn(1, 30000, model.dit.cfg.mel_dim, generator=gen)
+    solo = [_stream_all(model, codes, cond, ref_mel, noise)[0]]
+    solo += [_stream_all(model, c, cond, ref_mel, noise2, first_chunk_codes=12)[0] for c in others]
+
+    runner = Token2WavRunner(model)
+    utts = [Utterance(model, cond, ref_mel, noise)]
+    utts += [Utterance(model, cond, ref_mel, noise2, first_chunk_codes=12) for _ in others]
+    streams = [codes[0].tolist()] + others
+    pieces = [[] for _ in utts]
+    batches = []
+    for step in range(0, NUM_CODES, 20):  # 20 codes a step: utterances become ready at different steps
+        jobs = []
+        for u, c in zip(utts, streams):
+            if step < len(c):
+                u.push(c[step:step + 20])
+            jobs += u.ready(final=step + 20 >= len(c) and not u.finished)
+        runner.run(jobs)
+        batches.append(len(jobs))
+        for i, u in enumerate(utts):
+            pieces[i] += u.collect(wait=True)
+    assert max(batches) >= 2, "chunks of different utterances ran in one batch"
+    for i in range(len(utts)):
+        np.testing.assert_allclose(np.concatenate(pieces[i]), solo[i], rtol=0, atol=1e-5)
+
+    whole = Utterance(model, cond, ref_mel, noise, chunked=False)
+    whole.push(codes[0].tolist())
+    assert whole.ready() == []
+    runner.run(whole.ready(final=True))
+    np.testing.assert_allclose(np.concatenate(whole.collect(wait=True)), full, rtol=0, atol=1e-5)
 
 
 def test_length_order_and_push_pattern(setup):
@@ -233,6 +262,6 @@ def test_async_chunks_on_cuda(setup):
         early = Token2WavStreamer(model, cond, ref_mel, noise)
         early.push(codes[0, :100].tolist())
         early.close()
-        assert not early._pending
+        assert not early.utterance.in_flight
     finally:
         model.cpu()

@@ -19,9 +19,9 @@ import torch
 
 from omni_kernels import available
 from omni_model.config import OmniConfig
-from omni_model.hf_compat import build_hf_model, tiny_speakers
+from omni_model.hf_compat import build_hf_model
 from omni_model.layers.backend import use_backend
-from omni_model.layers.context import attention_context, decode_metadata, prefill_metadata
+from omni_model.loader import random_speakers
 from omni_model.models.talker import Talker
 
 OPS = ("apply_tmrope", "store_kv_cache", "tmrope_store_kv", "paged_prefill_attention", "paged_decode_attention")
@@ -55,20 +55,6 @@ def _check(name: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(ours, ref, rtol=0, atol=REL_TOL * scale)
 
 
-def _bind_cache(talker: Talker, num_seqs: int, max_len: int, seed: int) -> torch.Tensor:
-    """Binds fresh (NB, P, Hk, D) caches to every layer (as the engine's KVCache does) and returns block tables
-    (num_seqs, max_blocks) int32 whose pages are a random permutation of the pool."""
-    per_seq = -(-max_len // PAGE)
-    num_blocks = num_seqs * per_seq + 3  # spare pages that nobody reads
-    layers = talker.paged_attention_layers()
-    cfg = talker.config
-    for layer in layers:
-        layer.k_cache = torch.zeros(num_blocks, PAGE, cfg.num_key_value_heads, cfg.head_dim)
-        layer.v_cache = torch.zeros_like(layer.k_cache)
-    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
-    return perm[: num_seqs * per_seq].view(num_seqs, per_seq).to(torch.int32)
-
-
 @torch.no_grad()
 def _hf_step(hf_talker, x: torch.Tensor, positions: torch.Tensor, past=None):
     """HF's decoder + codec_head on summed inputs x (L, E) at positions (3, L): (logits (L, vocab), cache)."""
@@ -87,7 +73,7 @@ def _image_prompt(cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_decoder_matches_hf(models, backend):
+def test_decoder_matches_hf(models, backend, shuffled_runner):
     """Two packed prompts (text-only: 1-D positions; audio + image: 3-D positions), then three batched decode steps,
     against HF's decoder run per sequence with its own KV cache."""
     cfg, hf, talker = models
@@ -121,18 +107,17 @@ def test_decoder_matches_hf(models, backend):
             seq.append(logits)
         refs.append(seq)
 
-    tables = _bind_cache(talker, len(prompts), max(lens) + steps, seed=7)
+    runner = shuffled_runner(talker, len(prompts) * -(-(max(lens) + steps) // PAGE) + 3, PAGE, seed=7)
+    seqs = [runner.allocate(n) for n in lens]
     with torch.inference_mode(), use_backend(backend):
-        with attention_context(prefill_metadata(lens, tables, PAGE)):
-            hidden = talker(talker.project(torch.cat(xs)), torch.cat(positions, dim=1))
+        hidden = runner.prefill(seqs, talker.project(torch.cat(xs)), torch.cat(positions, dim=1))
         logits = talker.logits(hidden)
         for i, part in enumerate(logits.split(lens)):
             _check(f"prefill seq{i}/{backend}", part, refs[i][0])
         for k in range(steps):
-            ctx = [n + k + 1 for n in lens]
+            assert runner.reserve_decode(seqs) == []
             pos = torch.tensor([n + k + d for n, d in zip(lens, deltas)]).expand(3, -1)
-            with attention_context(decode_metadata(ctx, tables, PAGE)):
-                hidden = talker(talker.project(step_xs[k]), pos)
+            hidden = runner.decode(seqs, talker.project(step_xs[k]), pos)
             logits = talker.logits(hidden)
             for i in range(len(prompts)):
                 _check(f"decode{k} seq{i}/{backend}", logits[i : i + 1], refs[i][k + 1])
@@ -159,7 +144,7 @@ def _hf_generate_inputs(hf, cfg, ids, hidden, embeds, reply_ids, reply_hidden, s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_generate_path_matches_hf(models, backend):
+def test_generate_path_matches_hf(models, backend, shuffled_runner):
     """Prompt construction, positions and decode steps as HF's generate drives its talker ``forward``."""
     cfg, hf, talker = models
     tk = cfg.talker_config
@@ -169,7 +154,7 @@ def test_generate_path_matches_hf(models, backend):
     hidden, embeds = torch.randn(n, width, generator=gen), torch.randn(n, width, generator=gen)
     reply_ids = torch.tensor([30, 31, 32])
     reply_hidden = torch.randn(len(reply_ids), width, generator=gen)
-    speaker = tiny_speakers(cfg)["Chelsie"]["bos_token"]
+    speaker = random_speakers(cfg)["Chelsie"]["bos_token"]
     codes = [5, 17, 42, 60]  # the previously sampled code fed at each decode step
     audio_lens = torch.tensor([11])
 
@@ -209,16 +194,16 @@ def test_generate_path_matches_hf(models, backend):
         torch.testing.assert_close(elements, reply_rest[0], rtol=0, atol=0)
         elements = torch.cat([elements, elements[-1:].expand(len(codes), -1)])  # tts pad forever
     positions, delta = talker.prompt_positions(text_ids[0], image_grid_thw=grid, audio_seqlens=audio_lens)
-    tables = _bind_cache(talker, 1, n + 2 + len(codes), seed=3)
+    runner = shuffled_runner(talker, -(-(n + 2 + len(codes)) // PAGE) + 3, PAGE, seed=3)
+    seq = runner.allocate(n + 2)
     with torch.inference_mode(), use_backend(backend):
-        with attention_context(prefill_metadata([n + 2], tables, PAGE)):
-            logits = talker.logits(talker(talker.project(prompt), positions))
+        logits = talker.logits(runner.prefill([seq], talker.project(prompt), positions))
         _check(f"generate prefill/{backend}", logits, refs[0])
         for k, code in enumerate(codes):
             length = n + 2 + k
             x = talker.step_embeds(torch.tensor([code]), elements[k : k + 1])
-            with attention_context(decode_metadata([length + 1], tables, PAGE)):
-                logits = talker.logits(talker(talker.project(x), torch.full((3, 1), length + delta)))
+            assert runner.reserve_decode([seq]) == []
+            logits = talker.logits(runner.decode([seq], talker.project(x), torch.full((3, 1), length + delta)))
             _check(f"generate decode{k}/{backend}", logits, refs[k + 1])
 
 

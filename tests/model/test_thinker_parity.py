@@ -24,9 +24,7 @@ from safetensors.torch import save_file
 from omni_kernels import available
 from omni_model import OmniConfig, OmniModel
 from omni_model import model as model_module
-from omni_model.engine.kv_cache import KVCache
 from omni_model.layers.backend import use_backend
-from omni_model.layers.context import attention_context, consecutive_block_tables, decode_metadata, prefill_metadata
 from omni_model.loader import CheckpointError, load_state_dict
 from omni_model.model import prepare_thinker_prompt
 from omni_model.models.audio_encoder import audio_token_lengths
@@ -214,7 +212,7 @@ def test_vision_encoder_matches_hf(models, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_decode_step_matches_longer_prefill(models, backend):
+def test_decode_step_matches_longer_prefill(models, backend, shuffled_runner):
     """Prefill, then one decode step (is_prefill False) per row, over pages in shuffled order: the logits of the
     prompts one token longer (mixed batch: two rows of different lengths, image, video and audio)."""
     _, ours = models
@@ -229,19 +227,12 @@ def test_decode_step_matches_longer_prefill(models, backend):
     with torch.inference_mode(), use_backend(backend):
         expected = ours.thinker_logits(**longer)[:, -1]
         embeds = thinker.embed_prompt(prompt.ids, audio=prompt.audio, images=prompt.images, videos=prompt.videos)
-        tables, num_blocks = consecutive_block_tables([n + 1 for n in lens], page)
-        tables = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).int()[tables.long()]
-        cache = KVCache(thinker.model.paged_attention_layers(), num_blocks=num_blocks, block_size=page,
-                        dtype=torch.float32, device=torch.device("cpu"))
-        try:
-            with attention_context(prefill_metadata(lens, tables, page)):
-                thinker.model(embeds, prompt.positions)
-            # A decode token gets cache length + rope delta on all three axes.
-            pos = (torch.tensor(lens) + prompt.rope_deltas[:, 0]).expand(3, -1)
-            with attention_context(decode_metadata([n + 1 for n in lens], tables, page)):
-                hidden = thinker.model(thinker.model.embed_tokens(new[:, 0]), pos)
-        finally:
-            cache.release()
+        runner = shuffled_runner(thinker.model, sum(-(-(n + 1) // page) for n in lens) + 2, page, seed=0)
+        seqs = [runner.allocate(n + 1) for n in lens]  # the prompt and its decode token
+        runner.prefill(seqs, embeds, prompt.positions, starts=[0] * len(lens), new_lens=lens)
+        # A decode token gets cache length + rope delta on all three axes.
+        pos = (torch.tensor(lens) + prompt.rope_deltas[:, 0]).expand(3, -1)
+        hidden = runner.decode(seqs, thinker.model.embed_tokens(new[:, 0]), pos)
         got = thinker.compute_logits(hidden)
     _check(f"decode/{backend}", got, expected, torch.ones(2, dtype=torch.bool))
 
