@@ -28,8 +28,10 @@ import wave
 
 import numpy as np
 
+from omni_model.config import SAMPLE_RATE  # of the voice the server sends (PCM16 mono)
+from omni_model.processor import SAMPLE_RATE as QUESTION_RATE  # of the spoken questions (the audio encoder's)
+
 KINDS = ("text", "audio", "image")
-SAMPLE_RATE = 24000
 TEXT_QUESTIONS = ("What is the capital of France?", "Tell me a short story about a cat.",
                   "How does a rainbow form?", "Give me three tips for sleeping better.",
                   "Why is the sky blue?", "Explain what a prime number is.")
@@ -75,7 +77,7 @@ def make_messages(kind: str, index: int, *, image_size: int = 224, audio_seconds
     if kind == "text":
         content = [{"type": "text", "text": question}]
     elif kind == "audio":
-        wav = _wav_b64(synthetic_question(audio_seconds, seed=index), 16000)
+        wav = _wav_b64(synthetic_question(audio_seconds, QUESTION_RATE, seed=index), QUESTION_RATE)
         content = [{"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]
     elif kind == "image":
         content = [{"type": "image_url", "image_url": {"url": _png_data_url(synthetic_image(image_size, image_size))}},

@@ -28,10 +28,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from omni_model.config import SAMPLE_RATE
 from omni_model.demo import SYSTEM_PROMPT
 from omni_model.serve.async_engine import AsyncEngine, QueueFull, RequestStream
 from omni_model.serve.media import MediaPolicy, decode_audio, decode_base64, decode_image, decode_video, read_url
-from omni_model.serve.metrics import SAMPLE_RATE, ServerMetrics
+from omni_model.serve.metrics import ServerMetrics
 from omni_model.serve.prompt import IncrementalDetokenizer, PromptBuilder, Turn
 from omni_model.serve.protocol import (
     APIError,

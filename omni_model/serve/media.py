@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from omni_model.processor import HOP
+from omni_model.processor import SAMPLE_RATE as AUDIO_RATE  # the audio encoder's input rate (Whisper features)
 from omni_model.serve.protocol import APIError
 
-AUDIO_RATE = 16000  # the audio encoder's input rate (Whisper features)
 MAX_AUDIO_SECONDS = 30.0
 MAX_VIDEO_SECONDS = 600.0
 # Video sampling of qwen-omni-utils (Qwen's preprocessing for Qwen2.5-Omni): 2 frames a second, an even number of
@@ -77,7 +78,7 @@ def decode_audio(raw: bytes, fmt: str, *, param: str) -> np.ndarray:
         raise APIError(f"{param}: the audio holds NaN or infinite samples", param=param, code="invalid_audio")
     if rate != AUDIO_RATE:
         mono = resample(mono, rate, AUDIO_RATE)
-    if mono.size < 3 * 160:  # fewer than 3 mel frames give no audio token at all
+    if mono.size < 3 * HOP:  # fewer than 3 mel frames give no audio token at all
         raise APIError(f"{param}: the audio is too short ({mono.size / AUDIO_RATE * 1000:.0f} ms)", param=param,
                        code="empty_media")
     return mono.astype(np.float32)

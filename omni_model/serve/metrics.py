@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SAMPLE_RATE = 24000  # Token2Wav's output rate
+from omni_model.config import SAMPLE_RATE
 
 # Latency buckets from 10 ms to 30 s; RTF buckets around 1 (real time).
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
