@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV-cache size in tokens (default: a fraction of free device memory)")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share equal prompt prefixes (a conversation's earlier turns) between requests")
     p.add_argument("--no-audio", action="store_true", help="text only: the Talker and Token2Wav are not loaded")
     p.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests that may wait beyond --max-num-seqs; one more gets 429 at once")
@@ -81,7 +83,8 @@ def _engine_config(args: argparse.Namespace):
     from omni_model import EngineConfig
 
     kwargs = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=not args.no_cuda_graphs)
+                  kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=not args.no_cuda_graphs,
+                  enable_prefix_caching=not args.no_prefix_caching)
     if args.kv_cache_memory_fraction is not None:
         kwargs["kv_cache_memory_fraction"] = args.kv_cache_memory_fraction
     return EngineConfig(**kwargs)
