@@ -4,9 +4,13 @@ The extension is pybind11 over raw device pointers and a CUDA stream handle (see
 It links the static CUDA runtime and nothing of torch, so it builds beside a CPU-only torch and imports
 on a machine without a GPU.
 
+By default the extension is built only where it can run: when nvcc is found AND ``nvidia-smi`` reports GPUs, for
+exactly their compute capabilities (9.0 builds sm_90a, the others their plain sm_XY). On a machine without a GPU
+``pip install -e .`` is then pure Python and takes seconds instead of minutes of nvcc.
+
 Environment:
-  OMNI_BUILD_CUDA=0|1      skip or force the extension (default: build when nvcc is found)
-  OMNI_CUDA_ARCHS="80;90a" target architectures (semicolon or comma separated)
+  OMNI_BUILD_CUDA=0|1      skip, or force the extension (nvcc must exist; without a GPU it targets 80;90a)
+  OMNI_CUDA_ARCHS="80;90a" build for these architectures (semicolon or comma separated), GPU present or not
   OMNI_NVCC_THREADS=N      nvcc --threads (default 4)
   MAX_JOBS=N               parallel nvcc jobs (default: number of CPUs)
 """
@@ -38,8 +42,30 @@ def _find_cuda_home() -> Path | None:
     return None
 
 
+DEFAULT_ARCHS = "80;90a"  # A100 and H100/H200: what a forced build without a GPU targets
+
+
+def _gpu_archs() -> list[str]:
+    """The compute capabilities of the GPUs here, as nvcc architectures ("9.0" -> "90a"); [] without a GPU or
+    without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    archs = []
+    for line in out.split():
+        major, _, minor = line.strip().partition(".")
+        if major.isdigit() and minor.isdigit():
+            # sm_90a: the Hopper-only instructions (wgmma, TMA) need the arch-specific target.
+            arch = f"{major}{minor}" + ("a" if (major, minor) == ("9", "0") else "")
+            if arch not in archs:
+                archs.append(arch)
+    return sorted(archs)
+
+
 def _cuda_archs() -> list[str]:
-    raw = os.environ.get("OMNI_CUDA_ARCHS", "80;90a")
+    raw = os.environ.get("OMNI_CUDA_ARCHS") or ";".join(_gpu_archs()) or DEFAULT_ARCHS
     archs = [a.strip() for a in raw.replace(",", ";").split(";") if a.strip()]
     for a in archs:
         if not a.rstrip("af").isdigit():
@@ -66,7 +92,10 @@ def _want_cuda() -> bool:
     found = cuda_home is not None and (cuda_home / "bin" / "nvcc").exists()
     if flag == "1" and not found:
         raise RuntimeError("OMNI_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
-    return found
+    if flag == "1" or not found:
+        return found
+    # Not forced: only where it can run, or where architectures were asked for explicitly.
+    return bool(os.environ.get("OMNI_CUDA_ARCHS")) or bool(_gpu_archs())
 
 
 class BuildExt(build_ext):
@@ -128,7 +157,8 @@ class BuildExt(build_ext):
 
 def _extensions() -> list[Extension]:
     if not _want_cuda():
-        print("omni: building without the CUDA extension (nvcc not found or OMNI_BUILD_CUDA=0)", flush=True)
+        print("omni: building without the CUDA extension (OMNI_BUILD_CUDA=0, nvcc not found, or no GPU here; "
+              "OMNI_BUILD_CUDA=1 forces it)", flush=True)
         return []
     import pybind11
 

@@ -1,4 +1,4 @@
-"""The ``omni`` console script: ``omni demo``, ``omni run`` and ``omni bench``."""
+"""The ``omni`` console script: ``omni demo``, ``omni run``, ``omni serve`` and ``omni bench``."""
 
 from __future__ import annotations
 
@@ -94,6 +94,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_checkpoint(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from omni_model.serve.cli import main as serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni", description="Fast streaming inference for Qwen2.5-Omni.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_run)
+
+    from omni_model.serve.cli import add_arguments as add_serve_arguments
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server that streams speech (needs the [serve] extra)")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks: kernels, model parts, end to end")
     p.add_argument("--suite", choices=("kernels", "model", "e2e", "all"), default="kernels")

@@ -121,3 +121,35 @@ def image_patches(
 def audio_token_count(feature_len: int) -> int:
     """Tokens the audio encoder emits for ``feature_len`` mel frames (25 per second)."""
     return ((feature_len - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def video_patches(
+    videos: list[np.ndarray], *, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL patches of RGB uint8 videos (T, H, W, 3) whose sides are multiples of patch * merge: each patch spans
+    ``temporal_patch_size`` consecutive frames (a last odd frame is repeated, as the Qwen2-VL processor pads).
+
+    Returns pixel_values_videos (sum of t*h*w, 3 * tp * p * p) float32 and video_grid_thw (N, 3) int64, in the layout
+    of :func:`image_patches` (an image is a video of ``temporal_patch_size`` identical frames).
+    """
+    factor = patch_size * merge_size
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    rows, grids = [], []
+    for i, video in enumerate(videos):
+        video = np.asarray(video)
+        if video.ndim != 4 or video.shape[3] != 3 or video.dtype != np.uint8 or video.shape[0] == 0:
+            raise ValueError(f"videos[{i}] must be (T, H, W, 3) uint8 with T >= 1, got {video.shape} {video.dtype}")
+        t, h, w = video.shape[:3]
+        if h % factor or w % factor:
+            raise ValueError(f"videos[{i}] sides must be multiples of {factor}, got {h}x{w}")
+        x = (torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        if t % temporal_patch_size:
+            x = torch.cat([x, x[-1:].expand(temporal_patch_size - t % temporal_patch_size, -1, -1, -1)])
+        gt, gh, gw = x.shape[0] // temporal_patch_size, h // patch_size, w // patch_size
+        x = x.reshape(gt, temporal_patch_size, 3, gh // merge_size, merge_size, patch_size, gw // merge_size,
+                      merge_size, patch_size)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        rows.append(x.reshape(gt * gh * gw, 3 * temporal_patch_size * patch_size * patch_size))
+        grids.append((gt, gh, gw))
+    return torch.cat(rows), torch.tensor(grids, dtype=torch.int64)
