@@ -11,5 +11,5 @@ SUITES: dict[str, tuple[str, ...]] = {
                 "bench_paged_decode_attention", "bench_add_rms_norm", "bench_silu_and_mul",
                 "bench_w4a16_linear"),
     "model": ("bench_rope_index", "bench_token2wav", "bench_thinker", "bench_talker", "bench_vision_encoder"),
-    "e2e": ("bench_pipeline",),
+    "e2e": ("bench_pipeline", "bench_serving"),
 }

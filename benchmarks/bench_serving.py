@@ -16,8 +16,8 @@ HF's model, in the same process:
     request waits for the one before it). HF returns text and audio at the end, so its TTFT and TTFA are the
     request's whole latency. Each request is timed once; the queue is computed from those times and the arrivals
     (the process does not sleep through the arrivals).
-  - ``omni-http`` (``--url``): the same load sent to a running ``omni serve`` by its streaming HTTP API, measured as
-    a client sees it (``benchmarks/serving_client.py``).
+  - ``omni-http`` (``--url``): the same load shape sent to a running ``omni serve`` by its streaming HTTP API,
+    measured as a client sees it (``benchmarks/serving_client.py``; its own questions of the same kinds).
 
 * ``burst N``: N requests that arrive together (``omni-engine-burst``) against the same N run one after another
   through the engine (``omni-engine-sequential``); ``speedup`` is the ratio of the makespans (``ms_p50`` is the
@@ -280,10 +280,11 @@ def host_overhead(model, plan: Plan, device: torch.device) -> dict[int, list[flo
 
 
 def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b", *, url: str | None = None,
-        hf: bool = True, plot_path: str | os.PathLike | None = None) -> list[Record]:
-    """The records of every case (see the module docstring); a case that fails is a record with ``error``."""
+        hf: bool = True, plot_path: str | os.PathLike | None = None, plan: Plan | None = None) -> list[Record]:
+    """The records of every case (see the module docstring); a case that fails is a record with ``error``.
+    ``plan``: the sizes (default: :func:`plan_for` the device)."""
     dev = torch.device(device)
-    plan = plan_for(dev, quick, preset)
+    plan = plan or plan_for(dev, quick, preset)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = OmniConfig.preset(plan.preset)
     name = short_name(plan.preset)
@@ -328,7 +329,7 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
         except Exception as exc:
             records.append(error_record(f"{ENGINE}-host", f"{name} running=*", dtype, dev, exc))
         if url is not None:
-            records.append(http_record(url, requests, times, shape, dtype, dev, plan.rate))
+            records.append(http_record(url, plan, shape, dtype, dev))
         if hf:
             records.append(hf_record(cfg, model, requests, times, plan, shape, dtype, dev))
         del model
@@ -366,14 +367,25 @@ def hf_record(cfg, model, requests, times, plan, shape, dtype, dev) -> Record:
         return error_record(HF, shape, dtype, dev, exc)
 
 
-def http_record(url, requests, times, shape, dtype, dev, rate: float) -> Record:
-    """The same load against a running server, measured by the HTTP client."""
+def http_record(url: str, plan: Plan, shape: str, dtype, dev) -> Record:
+    """The same load shape (N, rate, mix, reply caps) sent to a running server by its streaming HTTP API and measured
+    as a client sees it (``serving_client``: its own text, spoken and image questions, Poisson arrivals)."""
     try:
         from omni_benchmarks.serving_client import run_http
 
-        traces = run_http(url, requests=requests, arrivals=times)
-        makespan = max(t.done for t in traces) - min(t.arrival for t in traces)
-        return serving_record(HTTP, shape, dtype, dev, traces, makespan, rate=rate, url=url)
+        kinds = {"text": "text", "speech": "audio", "image": "image"}
+        rows = run_http(url, num_requests=plan.num_requests, rate=plan.rate, seed=SEED,
+                        mix=",".join(f"{kinds[k]}:1" for k in plan.mix), max_tokens=plan.thinker_tokens,
+                        extra_body=dict(talker_max_tokens=plan.talker_codes, talker_temperature=0.0, seed=SEED))
+        traces = [Trace(arrival=r["start_s"],
+                        first_token=None if r["ttft_s"] is None else r["start_s"] + r["ttft_s"],
+                        first_audio=None if r["ttfa_s"] is None else r["start_s"] + r["ttfa_s"],
+                        done=None if r["latency_s"] is None else r["start_s"] + r["latency_s"],
+                        samples=int(round((r["audio_s"] or 0) * SAMPLE_RATE)), tokens=r["text_tokens"] or 0,
+                        error=None if r["ok"] else str(r["error"])) for r in rows]
+        ended = [t.done for t in traces if t.done is not None]
+        makespan = max(ended) - min(t.arrival for t in traces)
+        return serving_record(HTTP, shape, dtype, dev, traces, makespan, rate=plan.rate, url=url)
     except Exception as exc:
         return error_record(HTTP, shape, dtype, dev, exc)
 
