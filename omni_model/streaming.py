@@ -376,7 +376,18 @@ class Token2WavRunner:
         return samples, t1
 
     def _solve(self, group: list[ChunkJob]) -> list[torch.Tensor]:
-        """One DiT solve over the group's windows packed along the length -> each window's mel (1, mel, frames)."""
+        """One DiT solve over the group's windows packed along the length -> each window's mel (1, mel, frames).
+
+        Windows of one length are packed next to each other (the reference attention computes such a run in one
+        batch; a uniform layout is a CUDA graph's key)."""
+        order = sorted(range(len(group)), key=lambda i: group[i].record.dit_hi - group[i].record.dit_lo)
+        mels = self._solve_packed([group[i] for i in order])
+        out: list[torch.Tensor | None] = [None] * len(group)
+        for i, mel in zip(order, mels):
+            out[i] = mel
+        return out
+
+    def _solve_packed(self, group: list[ChunkJob]) -> list[torch.Tensor]:
         dit = self.token2wav.dit
         first = group[0].utterance
         r = first.repeats

@@ -167,6 +167,16 @@ class BlockManager:
             block.hash = h
             self.hash_to_block[h] = block.block_id
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix (benchmarks compare runs without one); only when no sequence holds a block.
+        Returns whether it did."""
+        if len(self.free) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.hash = None
+        self.hash_to_block.clear()
+        return True
+
     def append(self, seq: SeqBlocks, num_new_tokens: int = 1) -> None:
         """Makes room for ``num_new_tokens`` more tokens (a decode step): takes new blocks when needed."""
         extra = self.blocks_needed(seq.num_tokens + num_new_tokens) - len(seq.block_table)

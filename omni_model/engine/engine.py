@@ -220,6 +220,15 @@ class OmniEngine:
             finally:
                 self.lock.release()
 
+    def reset_prefix_cache(self) -> bool:
+        """Empties both decoders' prefix caches; only between requests (returns False, changing nothing, while any
+        request is unfinished)."""
+        with self.lock:
+            if self._requests:
+                return False
+            done = self.thinker.blocks.reset_prefix_cache()
+            return (self.talker is None or self.talker.blocks.reset_prefix_cache()) and done
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
