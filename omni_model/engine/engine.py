@@ -316,22 +316,10 @@ class OmniEngine:
     # ----------------------------------------------------------------------------------------------- thinker
 
     def _run_thinker(self, plan: StepPlan) -> None:
-        thinker, runner, dev = self.model.thinker, self.thinker, self.device
-        last_hidden, rows = [], []
-        decodes = plan.thinker_decodes
+        thinker, dev = self.model.thinker, self.device
+        decodes, embeds = plan.thinker_decodes, None
         if decodes:
-            index = to_device([r.slot for r in decodes], dev)
-            embeds = thinker.model.embed_tokens(self.last_token[index])
-            positions = to_device([r.thinker.computed + r.delta for r in decodes], dev).expand(3, -1)
-            hidden = runner.decode([r.thinker.seq for r in decodes], embeds, positions)
-            elements = hidden + embeds if any(r.speak for r in decodes) else None  # one add for the batch
-            for i, r in enumerate(decodes):
-                if r.speak and len(r.reply) == r.thinker.computed - r.num_prompt_tokens:
-                    r.reply.append(elements[i])  # the Talker's input for the token just fed
-                r.thinker.computed += 1
-                r.thinker.target = r.thinker.computed
-            last_hidden.append(hidden)
-            rows += decodes
+            embeds = thinker.model.embed_tokens(self.last_token[to_device([r.slot for r in decodes], dev)])
         chunks = []
         for r, start, n in plan.thinker_chunks:
             try:
@@ -341,25 +329,17 @@ class OmniEngine:
                 self._fail(r, f"encoder failed: {type(exc).__name__}: {exc}")
                 continue
             chunks.append((r, start, n))
+        chunk_embeds = None
         if chunks:
-            embeds = torch.cat([thinker_chunk_inputs(thinker, r, a, n, dev) for r, a, n in chunks])
-            positions = to_device(torch.cat([r.positions_of(a, a + n) for r, a, n in chunks], dim=1), dev)
-            hidden = runner.prefill([r.thinker.seq for r, _, _ in chunks], embeds, positions,
-                                    [a for _, a, _ in chunks], [n for _, _, n in chunks])
-            ends, offset = [], 0
-            for r, _, n in chunks:
-                offset += n
-                r.thinker.computed += n
-                self._register(r)
-                if r.thinker.computed == r.thinker.target and r.thinker.sample_at_target:
-                    r.thinker.sample_at_target = False
-                    ends.append(offset - 1)
-                    rows.append(r)
-                    r.mark("thinker_prefill")
-            if ends:
-                last_hidden.append(hidden[to_device(ends, dev)])
-        if rows:
-            self._sample(rows, thinker.compute_logits(torch.cat(last_hidden)), talker=False)
+            chunk_embeds = torch.cat([thinker_chunk_inputs(thinker, r, a, n, dev) for r, a, n in chunks])
+
+        def reply_elements(hidden: torch.Tensor) -> None:
+            elements = hidden + embeds if any(r.speak for r in decodes) else None  # one add for the batch
+            for i, r in enumerate(decodes):
+                if r.speak and len(r.reply) == r.thinker.computed - r.num_prompt_tokens:
+                    r.reply.append(elements[i])  # the Talker's input for the token just fed
+
+        self._run_decoder(False, decodes, embeds, chunks, chunk_embeds, thinker.compute_logits, reply_elements)
 
     def _register(self, req: Request, talker: bool = False) -> None:
         """Offers a decoder's newly complete blocks (computed, their tokens known) to the prefix cache: the
@@ -376,44 +356,60 @@ class OmniEngine:
     # ----------------------------------------------------------------------------------------------- talker
 
     def _run_talker(self, plan: StepPlan) -> None:
-        talker, runner, dev = self.model.talker, self.talker, self.device
+        talker, dev = self.model.talker, self.device
         for r in plan.talker_starts:
             spk = self.model.speakers[r.options.speaker]
             r.talker_prompt = prompt_inputs(self.model.thinker, talker, r, self.thinker, spk["bos_token"],
                                             self.media_ids)
             r.utterance = self._utterance(r)
-        last_hidden, rows = [], []
-        decodes = plan.talker_decodes
+        decodes, embeds = plan.talker_decodes, None
         if decodes:
-            index = to_device([r.slot for r in decodes], dev)
             elements = [reply_element(r, r.talker.drawn, self.text_end_pad) for r in decodes]
-            embeds = step_inputs(talker, self.last_code[index], elements)
-            positions = to_device([r.talker.computed + r.delta for r in decodes], dev).expand(3, -1)
-            last_hidden.append(runner.decode([r.talker.seq for r in decodes], embeds, positions))
-            for r in decodes:
-                r.talker.computed += 1
-                r.talker.target = r.talker.computed
-            rows += decodes
-        chunks = plan.talker_chunks
+            embeds = step_inputs(talker, self.last_code[to_device([r.slot for r in decodes], dev)], elements)
+        chunks, chunk_embeds = plan.talker_chunks, None
         if chunks:
-            embeds = torch.cat([talker_chunk_inputs(talker, r, a, n, self.text_end_pad, dev) for r, a, n in chunks])
+            pad = self.text_end_pad
+            chunk_embeds = torch.cat([talker_chunk_inputs(talker, r, a, n, pad, dev) for r, a, n in chunks])
+        self._run_decoder(True, decodes, embeds, chunks, chunk_embeds, talker.logits)
+
+    def _run_decoder(self, talker: bool, decodes: list[Request], embeds: torch.Tensor | None,
+                     chunks: list[tuple[Request, int, int]], chunk_embeds: torch.Tensor | None, logits,
+                     on_decode=None) -> None:
+        """One decoder's work of the step: the decode batch, then the prefill chunks (their KV, and for those that
+        reach their end the first sample), then one sampling call over every row that draws."""
+        runner, dev = self.talker if talker else self.thinker, self.device
+        track = (lambda r: r.talker) if talker else (lambda r: r.thinker)
+        last_hidden, rows = [], []
+        if decodes:
+            positions = to_device([track(r).computed + r.delta for r in decodes], dev).expand(3, -1)
+            hidden = runner.decode([track(r).seq for r in decodes], embeds, positions)
+            if on_decode is not None:
+                on_decode(hidden)
+            for r in decodes:
+                t = track(r)
+                t.computed += 1
+                t.target = t.computed
+            last_hidden.append(hidden)
+            rows += decodes
+        if chunks:
             positions = to_device(torch.cat([r.positions_of(a, a + n) for r, a, n in chunks], dim=1), dev)
-            hidden = runner.prefill([r.talker.seq for r, _, _ in chunks], embeds, positions,
+            hidden = runner.prefill([track(r).seq for r, _, _ in chunks], chunk_embeds, positions,
                                     [a for _, a, _ in chunks], [n for _, _, n in chunks])
             ends, offset = [], 0
             for r, _, n in chunks:
                 offset += n
-                r.talker.computed += n
-                self._register(r, talker=True)
-                if r.talker.computed == r.talker.target and r.talker.sample_at_target:
-                    r.talker.sample_at_target = False
+                t = track(r)
+                t.computed += n
+                self._register(r, talker=talker)
+                if t.computed == t.target and t.sample_at_target:
+                    t.sample_at_target = False
                     ends.append(offset - 1)
                     rows.append(r)
-                    r.mark("talker_prefill")
+                    r.mark("talker_prefill" if talker else "thinker_prefill")
             if ends:
                 last_hidden.append(hidden[to_device(ends, dev)])
         if rows:
-            self._sample(rows, talker.logits(torch.cat(last_hidden)), talker=True)
+            self._sample(rows, logits(torch.cat(last_hidden)), talker=talker)
 
     def _utterance(self, req: Request) -> Utterance:
         o = req.options
