@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from omni_model.engine.block_manager import CacheFullError
-from omni_model.engine.engine import OmniEngine
+from omni_model.engine.engine import OmniEngine, RequestTooLarge
 from omni_model.engine.request import RequestOutput
 from omni_model.inputs import prepare_thinker_prompt, split_kwargs, split_rows
 
@@ -113,7 +112,9 @@ def _rows(model, kwargs: dict):
 
 def generate(model, **kwargs) -> GenerateOutput:
     """``OmniModel.generate``: every row through the engine; Token2Wav runs once over all codes of a row (HF's
-    non-streaming numbers). A row that cannot fit the cache fails alone (``errors``); a batch of one raises."""
+    non-streaming numbers). A row that cannot fit the cache fails alone (``errors``); a batch of one raises
+    (:class:`~omni_model.engine.engine.RequestTooLarge`, a ValueError; a request that failed on the way: a
+    RuntimeError with its error)."""
     inputs, options, rows = _rows(model, kwargs)
     options = dataclasses.replace(options, stream_audio=False)
     engine = model.engine
@@ -126,8 +127,8 @@ def generate(model, **kwargs) -> GenerateOutput:
         for i, prompt in enumerate(rows):
             try:
                 caller.add(i, prompt, options)
-            except ValueError as exc:
-                if len(rows) == 1 or "KV cache" not in str(exc):
+            except RequestTooLarge as exc:  # this row alone; the others go on
+                if len(rows) == 1:
                     raise
                 errors[i] = str(exc)
         for row, out in caller.outputs():
@@ -140,7 +141,7 @@ def generate(model, **kwargs) -> GenerateOutput:
     finally:
         caller.abort()
     if len(rows) == 1 and errors[0] is not None:
-        raise (CacheFullError if "KV cache" in errors[0] else RuntimeError)(errors[0])
+        raise RuntimeError(errors[0])
     ids = inputs["input_ids"]
     n = max((len(t) for t in tokens), default=0)
     pad = getattr(model.config.thinker_config.text_config, "pad_token_id", None)
@@ -174,6 +175,6 @@ def stream(model, **kwargs) -> Iterator[StreamEvent]:
                 yield StreamEvent([], empty, out.stage_times, row, finished=True, error=out.error)
                 failed = failed or out.error
         if failed is not None and len(rows) == 1:
-            raise (CacheFullError if "KV cache" in failed else RuntimeError)(failed)
+            raise RuntimeError(failed)
     finally:
         caller.abort()

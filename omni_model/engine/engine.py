@@ -54,6 +54,10 @@ from omni_model.models.token2wav import HF_NOISE_FRAMES
 from omni_model.streaming import Token2WavRunner, Utterance
 
 
+class RequestTooLarge(ValueError):
+    """A request whose prompt and longest reply cannot fit a decoder's KV cache even alone."""
+
+
 class OmniEngine:
     """Continuous batching of the Thinker, the Talker and Token2Wav for one :class:`~omni_model.model.OmniModel`.
 
@@ -191,9 +195,9 @@ class OmniEngine:
         for name, runner, need, option, value in checks:
             capacity = min(runner.config.max_model_len, runner.config.num_blocks * runner.config.block_size)
             if need > capacity:
-                raise ValueError(f"the prompt of {length} tokens plus {option}={value} needs {need} positions in the "
-                                 f"{name}'s KV cache, which holds {capacity}: shorten the prompt, lower {option} or "
-                                 "give the engine a larger cache (EngineConfig.kv_cache_tokens)")
+                raise RequestTooLarge(f"the prompt of {length} tokens plus {option}={value} needs {need} positions in "
+                                      f"the {name}'s KV cache, which holds {capacity}: shorten the prompt, lower "
+                                      f"{option} or give the engine a larger cache (EngineConfig.kv_cache_tokens)")
 
     def _check_speaker(self, options: GenerationConfig) -> None:
         model = self.model
