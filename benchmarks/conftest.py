@@ -78,6 +78,10 @@ class BenchModule(pytest.Module):
         if name in WHOLE_RUN:
             item = BenchItem.from_parent(self, name=f"{name.removeprefix('bench_')}[whole run]", callobj=_bench_case)
             item.whole_run = True
+            if not bench_options(self.config)[1]:
+                # At full size a whole run is long by design (serving: 64 requests, then HF answering them one by
+                # one); the ini's per-test timeout guards the quick runs only.
+                marks = [*marks, pytest.mark.timeout(0)]
             yield _marked(item, marks)
             return
         if not hasattr(self.obj, "case_groups"):
