@@ -1,8 +1,10 @@
 """Benchmarks (installed as ``omni_benchmarks``): one module per op plus end-to-end ones.
 
-Each module exposes ``run(device: str, quick: bool, preset: str) -> list[Record]``; ``omni bench`` runs the
-modules of a suite and writes the contract's JSON records. Modules listed here but not importable (an op
-that has not landed) are reported as missing by the CLI, never silently skipped.
+Each module defines its rows once, ``case_groups(device: str, quick: bool, preset: str) -> list[CaseGroup]``
+(``cases.py``), and exposes ``run(device, quick, preset) -> list[Record]``, which times them; ``omni bench`` runs the
+modules of a suite and writes the contract's JSON records, and ``pytest benchmarks`` (``conftest.py``) collects the
+same rows as pytest-benchmark tests (docs/benchmarks.md). Modules listed here but not importable (an op that has not
+landed) are reported as missing by the CLI, never silently skipped.
 """
 
 SUITES: dict[str, tuple[str, ...]] = {

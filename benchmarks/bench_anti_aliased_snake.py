@@ -12,12 +12,17 @@ transformers), triton, cuda.
 
 from __future__ import annotations
 
+import functools
+from functools import partial
+
 import torch
 
-from omni_kernels import anti_aliased_snake, anti_aliased_snake_ref, available
+from omni_benchmarks.cases import Case, CaseGroup, compiled_backends, keys, run_groups
+from omni_kernels import anti_aliased_snake, anti_aliased_snake_ref
 from omni_kernels.anti_aliased_snake import kaiser_sinc_filter
-from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main
 
+BENCH = "anti_aliased_snake"
 INITIAL_CHANNELS = 1536
 UPSAMPLE_RATES = (5, 3, 2, 2, 2, 2)
 MEL_FRAMES = 1000  # 10 s at 100 mel frames per second (240 samples of 24 kHz each)
@@ -34,11 +39,18 @@ def stage_shapes(mel_frames: int) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def _hf_module(channels, alpha, beta, dtype, dev):
+@functools.cache
+def _hf_classes():
+    """HF's (SnakeBeta, TorchActivation1d), or None without transformers."""
     try:
         from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import SnakeBeta, TorchActivation1d
     except ImportError:
         return None
+    return SnakeBeta, TorchActivation1d
+
+
+def _hf_module(channels, alpha, beta, dtype, dev):
+    SnakeBeta, TorchActivation1d = _hf_classes()
     act = TorchActivation1d(activation=SnakeBeta(channels)).to(device=dev, dtype=dtype)
     with torch.no_grad():
         act.act.alpha.copy_(alpha)
@@ -46,42 +58,55 @@ def _hf_module(channels, alpha, beta, dtype, dev):
     return act.requires_grad_(False)  # inference: no autograd graph
 
 
+def providers(dev: torch.device) -> list[str]:
+    """torch, torch.compile, HF's module (when transformers is installed), then our compiled backends."""
+    return ["torch", "torch.compile", *([BASELINE] if _hf_classes() is not None else []),
+            *compiled_backends(BENCH, dev)]
+
+
 def _providers(dev, x, alpha, beta, up, down, compiled) -> dict:
-    providers = {
+    calls = {
         "torch": lambda: anti_aliased_snake_ref(x, alpha, beta, up, down),
         "torch.compile": lambda: compiled(x, alpha, beta, up, down),
     }
-    hf = _hf_module(x.shape[1], alpha, beta, x.dtype, dev)
-    if hf is not None:
-        providers[BASELINE] = lambda: hf(x)
-    for backend in available("anti_aliased_snake", dev):
-        if backend == "torch" or (backend == "triton" and dev.type == "cpu"):
-            continue
-        providers[backend] = lambda b=backend: anti_aliased_snake(x, alpha, beta, up, down, backend=b)
-    return providers
+    if _hf_classes() is not None:
+        hf = _hf_module(x.shape[1], alpha, beta, x.dtype, dev)
+        calls[BASELINE] = lambda: hf(x)
+    for backend in compiled_backends(BENCH, dev):
+        calls[backend] = lambda b=backend: anti_aliased_snake(x, alpha, beta, up, down, backend=b)
+    return calls
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
-    # BigVGAN is the same in the 7B and 3B checkpoints: the preset does not change the shapes.
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per (BigVGAN stage, dtype). BigVGAN is the same in the 7B and 3B checkpoints: the preset does not
+    change the shapes."""
     dev = torch.device(device)
     dtypes = (torch.float32, torch.bfloat16) if dev.type == "cuda" else (torch.float32,)
     shapes = stage_shapes(MEL_FRAMES_QUICK)[-2:] if quick else stage_shapes(MEL_FRAMES)
     compiled = torch.compile(anti_aliased_snake_ref)
-    up = down = kaiser_sinc_filter().to(dev)
-    records = []
+    baseline = BASELINE if _hf_classes() is not None else "torch"
+
+    def build(batch, channels, length, dtype, label) -> list[Case]:
+        up = down = kaiser_sinc_filter().to(dev)
+        gen = torch.Generator().manual_seed(channels)
+        alpha = (0.3 * torch.randn(channels, generator=gen)).to(dev)
+        beta = (0.3 * torch.randn(channels, generator=gen)).to(dev)
+        x = torch.randn(batch, channels, length, device=dev, dtype=dtype)
+        nbytes = 2 * x.numel() * x.element_size()
+        return [Case(BENCH, name, label, dtype, fn, nbytes=nbytes, baseline=baseline, rep=10 if quick else 100)
+                for name, fn in _providers(dev, x, alpha, beta, up, down, compiled).items()]
+
+    groups = []
     for batch, channels, length in shapes:
-        alpha = 0.3 * torch.randn(channels, device=dev)
-        beta = 0.3 * torch.randn(channels, device=dev)
+        label = f"bigvgan B={batch} C={channels} T={length}"
         for dtype in dtypes:
-            x = torch.randn(batch, channels, length, device=dev, dtype=dtype)
-            nbytes = 2 * x.numel() * x.element_size()
-            label = f"bigvgan B={batch} C={channels} T={length}"
-            for name, fn in _providers(dev, x, alpha, beta, up, down, compiled).items():
-                timing = do_bench(fn, device=dev, rep=10 if quick else 100)
-                records.append(make_record(bench="anti_aliased_snake", provider=name, shape=label, dtype=dtype,
-                                           device=dev, timing=timing, nbytes=nbytes))
-    baseline = BASELINE if any(r.provider == BASELINE for r in records) else "torch"
-    return set_speedups(records, baseline)
+            groups.append(CaseGroup(keys(BENCH, providers(dev), label, dtype),
+                                    partial(build, batch, channels, length, dtype, label)))
+    return groups
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

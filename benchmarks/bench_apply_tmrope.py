@@ -18,19 +18,22 @@ then the reference scatter into the cache: HF has no paged cache), torch (the re
 
 from __future__ import annotations
 
+import functools
+from functools import partial
+
 import torch
 
+from omni_benchmarks.cases import Case, CaseGroup, compiled_backends, keys, run_groups
 from omni_kernels import (
     apply_tmrope,
     apply_tmrope_ref,
-    available,
     store_kv_cache,
     store_kv_cache_ref,
     tmrope_store_kv,
     tmrope_store_kv_ref,
 )
 from omni_kernels.apply_tmrope import rope_inv_freq
-from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main
 
 # (num_q_heads, num_kv_heads, head_dim, mrope_section, rope_theta) of the Thinker (docs/model.md).
 THINKER = {"qwen2.5-omni-7b": (28, 4, 128, (16, 24, 24), 1e6), "qwen2.5-omni-3b": (16, 2, 128, (16, 24, 24), 1e6)}
@@ -94,34 +97,48 @@ def _inputs(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, dev):
     return qkv, q, k, v, positions
 
 
-def _compiled_backends(op, dev) -> list[str]:
-    # Triton under the CPU interpreter times nothing meaningful.
-    return [b for b in available(op, dev) if b != "torch" and not (b == "triton" and dev.type == "cpu")]
+def prefill_providers(dev: torch.device) -> list[str]:
+    return ["hf", "hf-apply", "torch", "torch.compile", *compiled_backends("apply_tmrope", dev)]
 
 
-def _bench_prefill(dev, dtype, shape, num_tokens, rep, hf_rotary, compiled) -> list[Record]:
+def decode_providers(dev: torch.device) -> list[str]:
+    return ["hf", "torch", "torch.compile", *(["unfused"] if dev.type == "cuda" else []),
+            *compiled_backends("tmrope_store_kv", dev)]
+
+
+def _prefill_label(shape, num_tokens: int) -> str:
+    num_q_heads, num_kv_heads, head_dim, sections, _ = shape
+    return f"T={num_tokens} Hq={num_q_heads} Hk={num_kv_heads} D={head_dim} mrope={list(sections)} fused-qkv"
+
+
+def _decode_label(shape, num_tokens: int) -> str:
+    num_q_heads, num_kv_heads, head_dim, _, _ = shape
+    return f"T={num_tokens} Hq={num_q_heads} Hk={num_kv_heads} D={head_dim} P={PAGE_SIZE} fused-qkv"
+
+
+def _prefill_cases(dev, dtype, shape, num_tokens, rep, hf_rotary, compiled) -> list[Case]:
     num_q_heads, num_kv_heads, head_dim, sections, theta = shape
     rotary, hf_apply, hf_source = hf_rotary
     qkv, q, k, _, positions = _inputs(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, dev)
     position_ids = positions[:, None, :]  # HF's (3, B, L)
     cached = rotary(qkv, position_ids)
     kw = dict(mrope_section=list(sections), rope_theta=theta)
-    providers = {
+    calls = {
         "hf": lambda: hf_apply(q[None], k[None], *rotary(qkv, position_ids), list(sections), unsqueeze_dim=2),
         "hf-apply": lambda: hf_apply(q[None], k[None], *cached, list(sections), unsqueeze_dim=2),
         "torch": lambda: apply_tmrope_ref(q, k, positions, **kw),
         "torch.compile": lambda: compiled(q, k, positions, **kw),
     }
-    for b in _compiled_backends("apply_tmrope", dev):
-        providers[b] = lambda b=b: apply_tmrope(q, k, positions, backend=b, **kw)
+    for b in compiled_backends("apply_tmrope", dev):
+        calls[b] = lambda b=b: apply_tmrope(q, k, positions, backend=b, **kw)
     nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + positions.numel() * positions.element_size()
-    label = f"T={num_tokens} Hq={num_q_heads} Hk={num_kv_heads} D={head_dim} mrope={list(sections)} fused-qkv"
-    return [make_record(bench="apply_tmrope", provider=name, shape=label, dtype=dtype, device=dev,
-                        timing=do_bench(fn, device=dev, rep=rep), nbytes=nbytes, hf_source=hf_source)
-            for name, fn in providers.items()]
+    label = _prefill_label(shape, num_tokens)
+    return [Case("apply_tmrope", name, label, dtype, fn, nbytes=nbytes, baseline="hf", rep=rep,
+                 extra=dict(hf_source=hf_source))
+            for name, fn in calls.items()]
 
 
-def _bench_decode(dev, dtype, shape, num_tokens, rep, hf_rotary, compiled) -> list[Record]:
+def _decode_cases(dev, dtype, shape, num_tokens, rep, hf_rotary, compiled) -> list[Case]:
     num_q_heads, num_kv_heads, head_dim, sections, theta = shape
     rotary, hf_apply, hf_source = hf_rotary
     num_blocks = 256
@@ -142,37 +159,48 @@ def _bench_decode(dev, dtype, shape, num_tokens, rep, hf_rotary, compiled) -> li
         store_kv_cache(k, v, k_cache, v_cache, slots)
 
     args = (q, k, v, positions, k_cache, v_cache, slots)
-    providers = {
+    calls = {
         "hf": hf,
         "torch": lambda: tmrope_store_kv_ref(*args, **kw),
         "torch.compile": lambda: compiled(*args, **kw),
     }
     if dev.type == "cuda":
-        providers["unfused"] = unfused
-    for b in _compiled_backends("tmrope_store_kv", dev):
-        providers[b] = lambda b=b: tmrope_store_kv(*args, backend=b, **kw)
+        calls["unfused"] = unfused
+    for b in compiled_backends("tmrope_store_kv", dev):
+        calls[b] = lambda b=b: tmrope_store_kv(*args, backend=b, **kw)
     nbytes = ((2 * q.numel() + 4 * k.numel()) * q.element_size() + positions.numel() * positions.element_size()
               + slots.numel() * slots.element_size())
-    label = f"T={num_tokens} Hq={num_q_heads} Hk={num_kv_heads} D={head_dim} P={PAGE_SIZE} fused-qkv"
-    return [make_record(bench="tmrope_store_kv", provider=name, shape=label, dtype=dtype, device=dev,
-                        timing=do_bench(fn, device=dev, rep=rep), nbytes=nbytes, hf_source=hf_source)
-            for name, fn in providers.items()]
+    label = _decode_label(shape, num_tokens)
+    return [Case("tmrope_store_kv", name, label, dtype, fn, nbytes=nbytes, baseline="hf", rep=rep,
+                 extra=dict(hf_source=hf_source))
+            for name, fn in calls.items()]
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per prefill length (bench apply_tmrope), then one per decode batch (tmrope_store_kv); HF's rotary
+    module is built once, with the first group."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     shape = THINKER[preset]
     rep = 20 if quick else 100
-    hf_rotary = _hf_functions(*shape, dev)
-    records = []
-    compiled = torch.compile(apply_tmrope_ref)
-    for num_tokens in PREFILL_TOKENS_QUICK if quick else PREFILL_TOKENS:
-        records += _bench_prefill(dev, dtype, shape, num_tokens, rep, hf_rotary, compiled)
-    compiled = torch.compile(tmrope_store_kv_ref)
-    for num_tokens in DECODE_TOKENS_QUICK if quick else DECODE_TOKENS:
-        records += _bench_decode(dev, dtype, shape, num_tokens, rep, hf_rotary, compiled)
-    return set_speedups(records, "hf")
+    hf_rotary = functools.cache(lambda: _hf_functions(*shape, dev))
+    prefill_compiled = torch.compile(apply_tmrope_ref)
+    decode_compiled = torch.compile(tmrope_store_kv_ref)
+
+    def prefill(num_tokens):
+        return _prefill_cases(dev, dtype, shape, num_tokens, rep, hf_rotary(), prefill_compiled)
+
+    def decode(num_tokens):
+        return _decode_cases(dev, dtype, shape, num_tokens, rep, hf_rotary(), decode_compiled)
+
+    return ([CaseGroup(keys("apply_tmrope", prefill_providers(dev), _prefill_label(shape, n), dtype),
+                       partial(prefill, n)) for n in (PREFILL_TOKENS_QUICK if quick else PREFILL_TOKENS)]
+            + [CaseGroup(keys("tmrope_store_kv", decode_providers(dev), _decode_label(shape, n), dtype),
+                         partial(decode, n)) for n in (DECODE_TOKENS_QUICK if quick else DECODE_TOKENS)])
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

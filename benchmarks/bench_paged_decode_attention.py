@@ -15,18 +15,20 @@ inductor's CPU compile would take longer than the whole quick suite), triton, cu
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
+from omni_benchmarks.cases import Case, CaseGroup, compiled_backends, keys, run_groups
 from omni_benchmarks.shapes import PAGE_SIZE
 from omni_kernels import (
-    available,
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_prefill_attention,
     paged_prefill_attention_ref,
 )
-from omni_kernels.testing import Record, bench_main, copy_bandwidth_gbps, do_bench, make_record, set_speedups, spec_for
+from omni_kernels.testing import Record, bench_main, copy_bandwidth_gbps, spec_for
 
 BASELINE = "sdpa-contiguous"
 # (Hq, Hk, D) of the thinker's attention per preset.
@@ -79,101 +81,123 @@ def sdpa_fn(q, k, v, **kwargs):
         return lambda: F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _extra(gbps, copy_bw, spec):
-    extra = {}
-    if gbps:
-        extra["pct_of_copy_bw"] = round(100 * gbps / copy_bw, 1)
-        if spec:
-            extra["pct_of_spec_bw"] = round(100 * gbps / spec["hbm_gbps"], 1)
-    return extra
+def providers(op: str, dev: torch.device) -> list[str]:
+    """The peer (the baseline), the reference, its torch.compile (CUDA only: inductor's CPU compile would take longer
+    than the whole quick suite), then our compiled backends."""
+    return [BASELINE, "torch", *(["torch.compile"] if dev.type == "cuda" else []), *compiled_backends(op, dev)]
 
 
 def _providers(op, front, ref, compiled, peer, args, dev) -> dict:
-    providers = {BASELINE: peer, "torch": lambda: ref(*args)}
+    calls = {BASELINE: peer, "torch": lambda: ref(*args)}
     if compiled is not None:
-        providers["torch.compile"] = lambda: compiled(*args)
-    for backend in available(op, dev):
-        if backend != "torch" and not (backend == "triton" and dev.type == "cpu"):  # interpreter timings mean nothing
-            providers[backend] = lambda b=backend: front(*args, backend=b)
-    return providers
+        calls["torch.compile"] = lambda: compiled(*args)
+    for backend in compiled_backends(op, dev):
+        calls[backend] = lambda b=backend: front(*args, backend=b)
+    return calls
 
 
-def bench_decode(dev, dtype, heads, contexts, batches, quick, compiled, copy_bw, spec) -> list[Record]:
+def _decode_label(heads, batch: int, ctx: int) -> str:
     name, num_q_heads, num_kv_heads, head_dim = heads
-    records = []
-    for batch in batches:
-        for ctx in contexts:
-            k_cache, v_cache, block_tables, k_dense, v_dense = paged_layout(
-                [ctx] * batch, num_kv_heads, head_dim, PAGE_SIZE, dtype, dev)
-            context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-            q = torch.randn(batch, num_q_heads, head_dim, dtype=dtype, device=dev)
-            args = (q, k_cache, v_cache, block_tables, context_lens)
-            providers = _providers("paged_decode_attention", paged_decode_attention, paged_decode_attention_ref,
-                                   compiled, sdpa_fn(q[:, :, None], k_dense, v_dense), args, dev)
-            elem = q.element_size()
-            nbytes = 2 * batch * ctx * num_kv_heads * head_dim * elem + 2 * q.numel() * elem
-            label = f"decode {name} B={batch} ctx={ctx} Hq={num_q_heads} Hk={num_kv_heads} D={head_dim} P={PAGE_SIZE}"
-            for provider, fn in providers.items():
-                timing = do_bench(fn, device=dev, rep=20 if quick else 100)
-                rec = make_record(bench="paged_decode_attention", provider=provider, shape=label, dtype=dtype,
-                                  device=dev, timing=timing, nbytes=nbytes)
-                rec.extra.update(_extra(rec.gbps, copy_bw, spec))
-                records.append(rec)
-            del k_cache, v_cache, k_dense, v_dense
-    return records
+    return f"decode {name} B={batch} ctx={ctx} Hq={num_q_heads} Hk={num_kv_heads} D={head_dim} P={PAGE_SIZE}"
 
 
-def bench_prefill(dev, dtype, heads, shapes, quick, compiled, spec) -> list[Record]:
+def _prefill_label(heads, new: int, cached: int) -> str:
     name, num_q_heads, num_kv_heads, head_dim = heads
-    records = []
-    for new, cached in shapes:
-        ctx = new + cached
-        k_cache, v_cache, block_tables, k_dense, v_dense = paged_layout(
-            [ctx], num_kv_heads, head_dim, PAGE_SIZE, dtype, dev, seed=1)
-        q = torch.randn(new, num_q_heads, head_dim, dtype=dtype, device=dev)
-        cu = torch.tensor([0, new], dtype=torch.int32, device=dev)
-        context_lens = torch.tensor([ctx], dtype=torch.int32, device=dev)
-        args = (q, k_cache, v_cache, block_tables, cu, context_lens)
-        q_dense = q.transpose(0, 1)[None]  # (1, Hq, new, D)
-        if cached == 0:
-            peer = sdpa_fn(q_dense, k_dense, v_dense, is_causal=True)
-        else:
-            from torch.nn.attention.bias import causal_lower_right
-
-            # New token j sees keys 0 .. cached + j (bottom-right causal, never a dense mask).
-            peer = sdpa_fn(q_dense, k_dense, v_dense, attn_mask=causal_lower_right(new, ctx))
-        providers = _providers("paged_prefill_attention", paged_prefill_attention, paged_prefill_attention_ref,
-                               compiled, peer, args, dev)
-        pairs = new * cached + new * (new + 1) // 2
-        flops = 4 * num_q_heads * head_dim * pairs
-        label = (f"prefill {name} new={new} cached={cached} Hq={num_q_heads} Hk={num_kv_heads} D={head_dim} "
-                 f"P={PAGE_SIZE}")
-        for provider, fn in providers.items():
-            timing = do_bench(fn, device=dev, rep=10 if quick else 50)
-            rec = make_record(bench="paged_prefill_attention", provider=provider, shape=label, dtype=dtype,
-                              device=dev, timing=timing, flops=flops)
-            if rec.tflops and spec:
-                rec.extra["pct_of_spec_tflops"] = round(100 * rec.tflops / spec["bf16_tflops"], 1)
-            records.append(rec)
-    return records
+    return (f"prefill {name} new={new} cached={cached} Hq={num_q_heads} Hk={num_kv_heads} D={head_dim} "
+            f"P={PAGE_SIZE}")
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+def _device_figures(dev: torch.device) -> tuple[float, dict | None]:
+    """(the copy bandwidth measured in this process, the device's spec figures or None)."""
+    spec = spec_for(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+    return copy_bandwidth_gbps(str(dev)), spec
+
+
+def decode_cases(dev, dtype, heads, batch, ctx, quick, compiled) -> list[Case]:
+    _, num_q_heads, num_kv_heads, head_dim = heads
+    copy_bw, spec = _device_figures(dev)
+    k_cache, v_cache, block_tables, k_dense, v_dense = paged_layout(
+        [ctx] * batch, num_kv_heads, head_dim, PAGE_SIZE, dtype, dev)
+    context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, num_q_heads, head_dim, dtype=dtype, device=dev)
+    args = (q, k_cache, v_cache, block_tables, context_lens)
+    calls = _providers("paged_decode_attention", paged_decode_attention, paged_decode_attention_ref,
+                       compiled, sdpa_fn(q[:, :, None], k_dense, v_dense), args, dev)
+    elem = q.element_size()
+    nbytes = 2 * batch * ctx * num_kv_heads * head_dim * elem + 2 * q.numel() * elem
+
+    def finish(rec: Record) -> None:
+        if rec.gbps:
+            rec.extra["pct_of_copy_bw"] = round(100 * rec.gbps / copy_bw, 1)
+            if spec:
+                rec.extra["pct_of_spec_bw"] = round(100 * rec.gbps / spec["hbm_gbps"], 1)
+
+    return [Case("paged_decode_attention", provider, _decode_label(heads, batch, ctx), dtype, fn, nbytes=nbytes,
+                 baseline=BASELINE, extra=dict(copy_bw_gbps=round(copy_bw, 1)), finish=finish,
+                 rep=20 if quick else 100)
+            for provider, fn in calls.items()]
+
+
+def prefill_cases(dev, dtype, heads, new, cached, quick, compiled) -> list[Case]:
+    _, num_q_heads, num_kv_heads, head_dim = heads
+    copy_bw, spec = _device_figures(dev)
+    ctx = new + cached
+    k_cache, v_cache, block_tables, k_dense, v_dense = paged_layout(
+        [ctx], num_kv_heads, head_dim, PAGE_SIZE, dtype, dev, seed=1)
+    q = torch.randn(new, num_q_heads, head_dim, dtype=dtype, device=dev)
+    cu = torch.tensor([0, new], dtype=torch.int32, device=dev)
+    context_lens = torch.tensor([ctx], dtype=torch.int32, device=dev)
+    args = (q, k_cache, v_cache, block_tables, cu, context_lens)
+    q_dense = q.transpose(0, 1)[None]  # (1, Hq, new, D)
+    if cached == 0:
+        peer = sdpa_fn(q_dense, k_dense, v_dense, is_causal=True)
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        # New token j sees keys 0 .. cached + j (bottom-right causal, never a dense mask).
+        peer = sdpa_fn(q_dense, k_dense, v_dense, attn_mask=causal_lower_right(new, ctx))
+    calls = _providers("paged_prefill_attention", paged_prefill_attention, paged_prefill_attention_ref,
+                       compiled, peer, args, dev)
+    pairs = new * cached + new * (new + 1) // 2
+    flops = 4 * num_q_heads * head_dim * pairs
+
+    def finish(rec: Record) -> None:
+        if rec.tflops and spec:
+            rec.extra["pct_of_spec_tflops"] = round(100 * rec.tflops / spec["bf16_tflops"], 1)
+
+    return [Case("paged_prefill_attention", provider, _prefill_label(heads, new, cached), dtype, fn, flops=flops,
+                 baseline=BASELINE, extra=dict(copy_bw_gbps=round(copy_bw, 1)), finish=finish,
+                 rep=10 if quick else 50)
+            for provider, fn in calls.items()]
+
+
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per decode (batch, context), then one per prefill (new, cached); each builds its paged cache. The
+    copy bandwidth is measured with the first group built (once per process)."""
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     heads = THINKER_HEADS[preset]
-    copy_bw = copy_bandwidth_gbps(str(dev))
-    spec = spec_for(torch.cuda.get_device_name(dev)) if on_gpu else None
     small = quick or not on_gpu
     decode_compiled = torch.compile(paged_decode_attention_ref, dynamic=True) if on_gpu else None
     prefill_compiled = torch.compile(paged_prefill_attention_ref, dynamic=True) if on_gpu else None
-    records = bench_decode(dev, dtype, heads, DECODE_CONTEXTS_QUICK if small else DECODE_CONTEXTS,
-                           DECODE_BATCHES_QUICK if small else DECODE_BATCHES, quick, decode_compiled, copy_bw, spec)
-    records += bench_prefill(dev, dtype, heads, PREFILL_QUICK if small else PREFILL, quick, prefill_compiled, spec)
-    for r in records:
-        r.extra["copy_bw_gbps"] = round(copy_bw, 1)
-    return set_speedups(records, BASELINE)
+    groups = []
+    for batch in DECODE_BATCHES_QUICK if small else DECODE_BATCHES:
+        for ctx in DECODE_CONTEXTS_QUICK if small else DECODE_CONTEXTS:
+            groups.append(CaseGroup(
+                keys("paged_decode_attention", providers("paged_decode_attention", dev),
+                     _decode_label(heads, batch, ctx), dtype),
+                partial(decode_cases, dev, dtype, heads, batch, ctx, quick, decode_compiled)))
+    for new, cached in PREFILL_QUICK if small else PREFILL:
+        groups.append(CaseGroup(
+            keys("paged_prefill_attention", providers("paged_prefill_attention", dev),
+                 _prefill_label(heads, new, cached), dtype),
+            partial(prefill_cases, dev, dtype, heads, new, cached, quick, prefill_compiled)))
+    return groups
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

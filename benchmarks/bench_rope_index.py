@@ -19,12 +19,13 @@ p50 over ours.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import types
 
 import torch
 
-from omni_kernels.testing import do_bench, make_record
+from omni_benchmarks.cases import Case, CaseGroup, keys, run_groups
 from omni_model.rope_index import audio_token_count, get_rope_index
 
 # Qwen2.5-Omni token ids (the get_rope_index defaults).
@@ -70,6 +71,7 @@ def video_prompt(seconds: int) -> dict:
     )
 
 
+@functools.cache
 def _hf_get_rope_index():
     try:
         from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
@@ -86,32 +88,45 @@ def _hf_get_rope_index():
     return types.MethodType(HFBase.get_rope_index, obj)
 
 
-def run(device: str = "cpu", quick: bool = False, preset: str | None = None) -> list[dict]:
-    """Contract benchmark records (``preset`` is accepted for ``omni bench`` and not used: no model shapes)."""
+def _shape(seconds: int, inputs: dict) -> str:
+    grid = tuple(inputs["video_grid_thw"][0].tolist())
+    return (f"video {grid} @{SECONDS_PER_GRID}s + audio {seconds * MEL_PER_SECOND} mel, "
+            f"L={inputs['input_ids'].shape[1]}")
+
+
+def case_groups(device: str = "cpu", quick: bool = False, preset: str | None = None) -> list[CaseGroup]:
+    """One group: ours, then HF's (when transformers imports), on the prompt of ``quick`` (``preset`` is accepted
+    for ``omni bench`` and not used: no model shapes). The prompt is built here, host-side and cheap, for the label."""
     seconds = 60 if quick else 600
     inputs = video_prompt(seconds)
-    L = inputs["input_ids"].shape[1]
-    grid = tuple(inputs["video_grid_thw"][0].tolist())
-    shape = f"video {grid} @{SECONDS_PER_GRID}s + audio {seconds * MEL_PER_SECOND} mel, L={L}"
-    ours_fn = lambda: get_rope_index(**inputs, spatial_merge_size=MERGE, position_id_per_seconds=PER_SECOND,
-                                     seconds_per_chunk=PER_CHUNK, **IDS)[0].to(device)
-    # threads: torch's intra-op threads; on a loaded host they can cost more than they save on 100k-element ops.
-    ours = make_record(bench="rope_index", provider="omni", shape=shape, dtype=torch.int64, device=device,
-                       timing=do_bench(ours_fn, warmup=2, rep=20, device="cpu"), threads=torch.get_num_threads())
-    records = [ours]
+    shape = _shape(seconds, inputs)
     hf_fn = _hf_get_rope_index()
-    if hf_fn is not None:
-        pos, delta = ours_fn(), get_rope_index(**inputs, **IDS)[1]
-        hf_pos, hf_delta = hf_fn(**inputs)
-        if not (torch.equal(pos.cpu(), hf_pos) and torch.equal(delta, hf_delta)):
-            raise AssertionError("rope_index bench: our position ids differ from HF's on the bench prompt")
-        # HF takes seconds per call: one untimed call, then at least 3 timed ones (do_bench's floor).
-        hf = make_record(bench="rope_index", provider="hf", shape=shape, dtype=torch.int64, device=device,
-                         timing=do_bench(lambda: hf_fn(**inputs)[0].to(device), warmup=0, rep=3, device="cpu",
-                                         max_seconds=1.0), threads=torch.get_num_threads())
-        ours.baseline, ours.speedup = "hf", hf.ms_p50 / ours.ms_p50
-        records.append(hf)
-    return [r.to_dict() for r in records]
+
+    def build() -> list[Case]:
+        ours_fn = lambda: get_rope_index(**inputs, spatial_merge_size=MERGE, position_id_per_seconds=PER_SECOND,
+                                         seconds_per_chunk=PER_CHUNK, **IDS)[0].to(device)
+        # threads: torch's intra-op threads; on a loaded host they can cost more than they save on 100k-element ops.
+        # Both run on the CPU clock whatever the device: this is host-side index math.
+        cases = [Case("rope_index", "omni", shape, torch.int64, ours_fn, baseline="hf" if hf_fn else None,
+                      warmup=2, rep=20, timer_device="cpu", flush_l2=False,
+                      finish=lambda rec: rec.extra.update(threads=torch.get_num_threads()))]
+        if hf_fn is not None:
+            pos, delta = ours_fn(), get_rope_index(**inputs, **IDS)[1]
+            hf_pos, hf_delta = hf_fn(**inputs)
+            if not (torch.equal(pos.cpu(), hf_pos) and torch.equal(delta, hf_delta)):
+                raise AssertionError("rope_index bench: our position ids differ from HF's on the bench prompt")
+            # HF takes seconds per call: one untimed call, then at least 3 timed ones (do_bench's floor).
+            cases.append(Case("rope_index", "hf", shape, torch.int64, lambda: hf_fn(**inputs)[0].to(device),
+                              warmup=0, rep=3, max_seconds=1.0, timer_device="cpu", flush_l2=False,
+                              finish=lambda rec: rec.extra.update(threads=torch.get_num_threads())))
+        return cases
+
+    return [CaseGroup(keys("rope_index", ["omni", *(["hf"] if hf_fn else [])], shape, torch.int64), build)]
+
+
+def run(device: str = "cpu", quick: bool = False, preset: str | None = None) -> list[dict]:
+    """Contract benchmark records (``preset`` is accepted for ``omni bench`` and not used: no model shapes)."""
+    return [r.to_dict() for r in run_groups(case_groups(device, quick, preset), device)]
 
 
 if __name__ == "__main__":

@@ -10,12 +10,16 @@ triton, cuda. No outside peer is named for this op; vLLM's ``silu_and_mul`` is i
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from omni_kernels import available, silu_and_mul, silu_and_mul_ref
-from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
+from omni_benchmarks.cases import Case, CaseGroup, compiled_backends, keys, run_groups
+from omni_kernels import silu_and_mul, silu_and_mul_ref
+from omni_kernels.testing import Record, bench_main
 from omni_model.config import OmniConfig
 
+BENCH = "silu_and_mul"
 TOKENS = (1, 8, 4096)
 TOKENS_QUICK = (1, 8)
 
@@ -29,33 +33,43 @@ def widths(preset: str) -> list[tuple[str, int]]:
     return [("+".join(names), inter) for inter, names in models.items()]
 
 
+def providers(dev: torch.device) -> list[str]:
+    return ["torch", "torch.compile", *compiled_backends(BENCH, dev)]
+
+
 def _providers(dev, gate_up, compiled) -> dict:
-    providers = {
+    calls = {
         "torch": lambda: silu_and_mul_ref(gate_up),
         "torch.compile": lambda: compiled(gate_up),
     }
-    for backend in available("silu_and_mul", dev):
-        if backend == "torch" or (backend == "triton" and dev.type == "cpu"):  # interpreter timings mean nothing
-            continue
-        providers[backend] = lambda b=backend: silu_and_mul(gate_up, backend=b)
-    return providers
+    for backend in providers(dev)[2:]:
+        calls[backend] = lambda b=backend: silu_and_mul(gate_up, backend=b)
+    return calls
+
+
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per (MLP width, tokens), its input made when it is built."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    compiled = torch.compile(silu_and_mul_ref)
+
+    def build(inter, num_tokens, label) -> list[Case]:
+        gate_up = torch.randn(num_tokens, 2 * inter, device=dev, dtype=dtype)
+        nbytes = 3 * num_tokens * inter * gate_up.element_size()
+        return [Case(BENCH, name, label, dtype, fn, nbytes=nbytes, baseline="torch", rep=20 if quick else 100)
+                for name, fn in _providers(dev, gate_up, compiled).items()]
+
+    groups = []
+    for model, inter in widths(preset):
+        for num_tokens in TOKENS_QUICK if quick else TOKENS:
+            label = f"{model} T={num_tokens} I={inter}"
+            groups.append(CaseGroup(keys(BENCH, providers(dev), label, dtype),
+                                    partial(build, inter, num_tokens, label)))
+    return groups
 
 
 def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
-    dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    records = []
-    compiled = torch.compile(silu_and_mul_ref)
-    for model, inter in widths(preset):
-        for num_tokens in TOKENS_QUICK if quick else TOKENS:
-            gate_up = torch.randn(num_tokens, 2 * inter, device=dev, dtype=dtype)
-            nbytes = 3 * num_tokens * inter * gate_up.element_size()
-            label = f"{model} T={num_tokens} I={inter}"
-            for name, fn in _providers(dev, gate_up, compiled).items():
-                timing = do_bench(fn, device=dev, rep=20 if quick else 100)
-                records.append(make_record(bench="silu_and_mul", provider=name, shape=label, dtype=dtype,
-                                           device=dev, timing=timing, nbytes=nbytes))
-    return set_speedups(records, "torch")
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from omni_kernels import available, sliding_block_attention, sliding_block_attention_ref
-from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
+from omni_benchmarks.cases import Case, CaseGroup, compiled_backends, keys, run_groups
+from omni_kernels import sliding_block_attention, sliding_block_attention_ref
+from omni_kernels.testing import Record, bench_main
 
+BENCH = "sliding_block_attention"
 HEADS, HEAD_DIM, BLOCK_SIZE, GUIDANCE_BATCH = 16, 64, 24, 2
 FRAMES = (300, 3000)
 FRAMES_QUICK = (300,)
@@ -94,6 +97,11 @@ def flex_provider(batched: list[torch.Tensor], frames: int, back: int, ahead: in
     return call
 
 
+def providers(dev: torch.device) -> list[str]:
+    return ["torch", "torch.compile", BASELINE, *(["flex"] if dev.type == "cuda" else []),
+            *compiled_backends(BENCH, dev)]
+
+
 def _providers(dev, q, k, v, cu, frames, back, ahead, compiled) -> dict:
     kw = dict(block_size=BLOCK_SIZE, look_back=back, look_ahead=ahead)
     batched = [t.view(GUIDANCE_BATCH, frames, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v)]  # HF layout
@@ -105,45 +113,48 @@ def _providers(dev, q, k, v, cu, frames, back, ahead, compiled) -> dict:
         out = F.scaled_dot_product_attention(*batched, attn_mask=mask)
         return out.transpose(1, 2).contiguous()
 
-    providers = {
+    calls = {
         "torch": lambda: sliding_block_attention_ref(q, k, v, cu_seqlens=cu, **kw),
         "torch.compile": lambda: compiled(q, k, v, cu_seqlens=cu, **kw),
         BASELINE: hf_dense,
     }
     if dev.type == "cuda":
-        providers["flex"] = flex_provider(batched, frames, back, ahead)
-    for backend in available("sliding_block_attention", dev):
-        if backend == "torch" or (backend == "triton" and dev.type == "cpu"):
-            continue
-        providers[backend] = lambda b=backend: sliding_block_attention(q, k, v, cu_seqlens=cu, backend=b, **kw)
-    return providers
+        calls["flex"] = flex_provider(batched, frames, back, ahead)
+    for backend in compiled_backends(BENCH, dev):
+        calls[backend] = lambda b=backend: sliding_block_attention(q, k, v, cu_seqlens=cu, backend=b, **kw)
+    return calls
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
-    # The DiT is the same in the 7B and 3B checkpoints: the preset does not change the shapes.
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per (frames, dtype, window). The DiT is the same in the 7B and 3B checkpoints: the preset does not
+    change the shapes."""
     dev = torch.device(device)
     dtypes = (torch.float32, torch.bfloat16) if dev.type == "cuda" else (torch.float32,)
     compiled = torch.compile(sliding_block_attention_ref)
-    records = []
-    for frames in FRAMES_QUICK if quick else FRAMES:
+
+    def build(frames, dtype, back, ahead, label) -> list[Case]:
         cu = torch.tensor([0, frames, 2 * frames], dtype=torch.int32, device=dev)
+        qkv = torch.randn(GUIDANCE_BATCH * frames, 3, HEADS, HEAD_DIM, device=dev, dtype=dtype)
+        q, k, v = qkv.unbind(1)  # views into a fused QKV output, as in the DiT
+        flops = 4 * HEAD_DIM * HEADS * GUIDANCE_BATCH * visible_pairs(frames, BLOCK_SIZE, back, ahead)
+        # catch: a peer that cannot run this shape is recorded, not hidden.
+        return [Case(BENCH, name, label, dtype, fn, flops=flops, baseline=BASELINE, rep=10 if quick else 100,
+                     catch=True, error_chars=300)
+                for name, fn in _providers(dev, q, k, v, cu, frames, back, ahead, compiled).items()]
+
+    groups = []
+    for frames in FRAMES_QUICK if quick else FRAMES:
         for dtype in dtypes:
-            qkv = torch.randn(GUIDANCE_BATCH * frames, 3, HEADS, HEAD_DIM, device=dev, dtype=dtype)
-            q, k, v = qkv.unbind(1)  # views into a fused QKV output, as in the DiT
             for back, ahead in WINDOWS[:1] if quick else WINDOWS:
-                pairs = GUIDANCE_BATCH * visible_pairs(frames, BLOCK_SIZE, back, ahead)
-                flops = 4 * HEAD_DIM * HEADS * pairs
                 label = (f"dit B={GUIDANCE_BATCH} T={frames} H={HEADS} D={HEAD_DIM} block={BLOCK_SIZE} "
                          f"back={back} ahead={ahead}")
-                for name, fn in _providers(dev, q, k, v, cu, frames, back, ahead, compiled).items():
-                    try:
-                        timing, error = do_bench(fn, device=dev, rep=10 if quick else 100), None
-                    except Exception as e:  # a peer that cannot run this shape: recorded, not hidden
-                        timing, error = None, f"{type(e).__name__}: {e}"[:300]
-                    extra = {"error": error} if error else {}
-                    records.append(make_record(bench="sliding_block_attention", provider=name, shape=label,
-                                               dtype=dtype, device=dev, timing=timing, flops=flops, **extra))
-    return set_speedups(records, BASELINE)
+                groups.append(CaseGroup(keys(BENCH, providers(dev), label, dtype),
+                                        partial(build, frames, dtype, back, ahead, label)))
+    return groups
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

@@ -17,25 +17,28 @@ our loop bans the same ids (codec bos always, the stop ids pad / end until the l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
 from omni_benchmarks.bench_thinker import (
     SEED,
+    DecodeSetup,
     DecodeSpec,
     allowed_mask,
     build_random,
     copy_into_hf,
+    decode_groups,
     device_roofline,
     hf_build_context,
     param_bytes,
     plan_for,
     preset_for,
-    run_providers,
     safe_ids,
     short_name,
 )
+from omni_benchmarks.cases import CaseGroup, run_groups
 from omni_kernels.testing import Record, bench_main
 from omni_model.config import OmniConfig
 from omni_model.models.talker import Talker
@@ -52,61 +55,68 @@ def _hf_talker(cfg: OmniConfig, ours: Talker, dtype: torch.dtype, device: torch.
     return hf
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """The decode groups of ``bench_thinker.decode_groups`` for the Talker; the model is built with the first."""
     dev = torch.device(device)
     plan = plan_for(dev, quick)
     preset = preset_for(dev, preset)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = OmniConfig.preset(preset)
     tk = cfg.talker_config
-    thinker = cfg.thinker_config
 
-    talker = build_random(lambda: Talker(tk), dtype=dtype, device=dev, seed=SEED + 2)
-    elem = torch.empty((), dtype=dtype).element_size()
-    dense_bytes = param_bytes(talker, skip=(talker.model.embed_tokens,))
-    roof = device_roofline(dev, lambda b: dense_bytes + b * tk.embedding_size * elem,
-                           2 * tk.num_hidden_layers * tk.kv_size * elem)
+    @functools.cache
+    def setup() -> DecodeSetup:
+        thinker = cfg.thinker_config
+        talker = build_random(lambda: Talker(tk), dtype=dtype, device=dev, seed=SEED + 2)
+        elem = torch.empty((), dtype=dtype).element_size()
+        dense_bytes = param_bytes(talker, skip=(talker.model.embed_tokens,))
+        roof = device_roofline(dev, lambda b: dense_bytes + b * tk.embedding_size * elem,
+                               2 * tk.num_hidden_layers * tk.kv_size * elem)
 
-    batch = max(plan.batches)
-    gen = torch.Generator().manual_seed(SEED + 3)
-    special = {getattr(thinker, n) for n in thinker._SPECIAL} | set(thinker.stop_token_ids)
-    text_ids = [safe_ids(thinker.text_config.vocab_size, special, plan.prompt, gen) for _ in range(batch)]
-    # Summed Thinker states (hidden + token embedding) for the prompt and one reply element per decode step.
-    base = torch.randn(batch, plan.prompt, tk.embedding_size, generator=gen).to(dev, dtype)
-    reply = torch.randn(batch, plan.steps + 1, tk.embedding_size, generator=gen).to(dev, dtype)
-    pad, bos = tk.tts_codec_pad_token_id, tk.tts_codec_start_token_id
-    codec_tail = torch.tensor([pad, bos], device=dev)
+        batch = max(plan.batches)
+        gen = torch.Generator().manual_seed(SEED + 3)
+        special = {getattr(thinker, n) for n in thinker._SPECIAL} | set(thinker.stop_token_ids)
+        text_ids = [safe_ids(thinker.text_config.vocab_size, special, plan.prompt, gen) for _ in range(batch)]
+        # Summed Thinker states (hidden + token embedding) for the prompt and one reply element per decode step.
+        base = torch.randn(batch, plan.prompt, tk.embedding_size, generator=gen).to(dev, dtype)
+        reply = torch.randn(batch, plan.steps + 1, tk.embedding_size, generator=gen).to(dev, dtype)
+        pad, bos = tk.tts_codec_pad_token_id, tk.tts_codec_start_token_id
+        codec_tail = torch.tensor([pad, bos], device=dev)
 
-    def prefill_inputs(b: int) -> torch.Tensor:
-        x = base[:b].clone()
-        x[:, -2:] += talker.embed_codes(codec_tail)  # HF's talker forward: += embed(pad), += embed(bos)
-        return talker.project(x.reshape(-1, tk.embedding_size))
+        def prefill_inputs(b: int) -> torch.Tensor:
+            x = base[:b].clone()
+            x[:, -2:] += talker.embed_codes(codec_tail)  # HF's talker forward: += embed(pad), += embed(bos)
+            return talker.project(x.reshape(-1, tk.embedding_size))
 
-    spec = DecodeSpec(
-        decoder=talker,
-        prompt_ids=lambda b: text_ids[:b],
-        prefill_inputs=prefill_inputs,
-        step_inputs=lambda ids, step: talker.project(talker.step_embeds(ids, reply[: len(ids), step])),
-        logits=talker.logits,
-        allowed=allowed_mask(tk.vocab_size, {bos, *tk.stop_token_ids}, dev),
-    )
+        spec = DecodeSpec(
+            decoder=talker,
+            prompt_ids=lambda b: text_ids[:b],
+            prefill_inputs=prefill_inputs,
+            step_inputs=lambda ids, step: talker.project(talker.step_embeds(ids, reply[: len(ids), step])),
+            logits=talker.logits,
+            allowed=allowed_mask(tk.vocab_size, {bos, *tk.stop_token_ids}, dev),
+        )
 
-    def hf_kwargs(b: int) -> Callable[[], dict]:
-        codes = torch.full((b, plan.prompt), tk.tts_codec_mask_token_id, device=dev)
-        codes[:, -2], codes[:, -1] = pad, bos
-        ids = torch.tensor(text_ids[:b], device=dev)
-        # inputs_embeds is cloned per call: HF's talker adds the codec embeddings to it in place.
-        return lambda: dict(input_ids=codes, input_text_ids=ids, inputs_embeds=base[:b].clone(),
-                            thinker_reply_part=reply[:b], attention_mask=torch.ones_like(ids),
-                            suppress_tokens=[bos], eos_token_id=list(tk.stop_token_ids), pad_token_id=pad)
+        def hf_kwargs(b: int) -> Callable[[], dict]:
+            codes = torch.full((b, plan.prompt), tk.tts_codec_mask_token_id, device=dev)
+            codes[:, -2], codes[:, -1] = pad, bos
+            ids = torch.tensor(text_ids[:b], device=dev)
+            # inputs_embeds is cloned per call: HF's talker adds the codec embeddings to it in place.
+            return lambda: dict(input_ids=codes, input_text_ids=ids, inputs_embeds=base[:b].clone(),
+                                thinker_reply_part=reply[:b], attention_mask=torch.ones_like(ids),
+                                suppress_tokens=[bos], eos_token_id=list(tk.stop_token_ids), pad_token_id=pad)
+
+        return DecodeSetup(spec=spec, max_model_len=tk.max_position_embeddings, roof=roof,
+                           hf_factory=lambda: _hf_talker(cfg, talker, dtype, dev), hf_kwargs=hf_kwargs)
 
     name = short_name(preset)
-    return run_providers(
-        bench="talker_decode",
-        label=lambda b: f"talker-{name} B={b} prompt={plan.prompt} steps={plan.steps}",
-        decoder=talker, spec=spec, plan=plan, max_model_len=tk.max_position_embeddings, dtype=dtype, device=dev,
-        roof=roof, hf_factory=lambda: _hf_talker(cfg, talker, dtype, dev), hf_kwargs=hf_kwargs,
-    )
+    return decode_groups(bench="talker_decode",
+                         label=lambda b: f"talker-{name} B={b} prompt={plan.prompt} steps={plan.steps}",
+                         plan=plan, dtype=dtype, device=dev, setup=setup)
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

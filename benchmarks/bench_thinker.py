@@ -54,24 +54,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
+from omni_benchmarks.cases import Case, CaseGroup, CaseKey, Loop, dtype_name, keys, run_groups
 from omni_kernels.testing import (
     Record,
     bench_main,
     copy_bandwidth_gbps,
     device_name,
-    do_bench,
     make_record,
     quantiles,
-    set_speedups,
     spec_for,
 )
 from omni_model.config import OmniConfig
@@ -226,13 +226,6 @@ def make_runner(decoder: nn.Module, *, graphs: bool, plan: Plan, max_model_len: 
     return DecoderRunner(decoder, config, dtype=dtype, device=device)
 
 
-def release_runner() -> None:
-    """Returns the memory of runners and models nobody refers to any more."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @torch.inference_mode()
 def decode_loop(runner: DecoderRunner, spec: DecodeSpec, batch: int, steps: int, *,
                 sync_each_step: bool = False) -> LoopResult:
@@ -285,17 +278,25 @@ def decode_loop(runner: DecoderRunner, spec: DecodeSpec, batch: int, steps: int,
             runner.free(s)
 
 
-def time_runner(runner: DecoderRunner, spec: DecodeSpec, plan: Plan, batch: int, *,
-                sync_each_step: bool = False) -> LoopResult:
-    """Warm-up (graph capture for the batch bucket, cuBLAS heuristics), then ``plan.reps`` timed loops pooled."""
-    decode_loop(runner, spec, batch, WARMUP_STEPS, sync_each_step=sync_each_step)
-    runs = [decode_loop(runner, spec, batch, plan.steps, sync_each_step=sync_each_step) for _ in range(plan.reps)]
+def pool_runs(runs: list[LoopResult]) -> LoopResult:
+    """The timed loops of one provider pooled: every step's time, the mean of the loops' ms per step, the first
+    loop's ids."""
     return LoopResult(
         step_ms=[t for r in runs for t in r.step_ms],
         ms_mean=sum(r.ms_mean for r in runs) / len(runs),
         tokens=runs[0].tokens,
         host_ms=[t for r in runs for t in r.host_ms],
     )
+
+
+def with_backend(backend: str | None, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with every op on ``backend`` (None: each op's default)."""
+
+    def call():
+        with use_backend(backend):
+            return fn()
+
+    return call
 
 
 # --------------------------------------------------------------------------------------- HF generate
@@ -402,9 +403,8 @@ def hf_generate_loop(hf: nn.Module, kwargs: Callable[[], dict], steps: int, devi
                       extra={"ms_per_token_incl_prefill": wall / (steps + 1)})
 
 
-def time_hf(hf: nn.Module, kwargs: Callable[[], dict], plan: Plan, device: torch.device) -> LoopResult:
-    hf_generate_loop(hf, kwargs, WARMUP_STEPS, device)
-    runs = [hf_generate_loop(hf, kwargs, plan.steps, device) for _ in range(plan.reps)]
+def pool_hf(runs: list[LoopResult]) -> LoopResult:
+    """HF's timed generates pooled as :func:`pool_runs` does, with their mean ms per token including the prefill."""
     return LoopResult(
         step_ms=[t for r in runs for t in r.step_ms],
         ms_mean=sum(r.ms_mean for r in runs) / len(runs),
@@ -438,18 +438,20 @@ def device_roofline(device: torch.device, weight_bytes: Callable[[int], float],
                     spec["hbm_gbps"] if spec else None)
 
 
-def decode_record(*, bench: str, provider: str, shape: str, dtype: torch.dtype, device: torch.device,
-                  batch: int, plan: Plan, roof: Roofline, result: LoopResult | None = None,
-                  error: str | None = None, reference: torch.Tensor | None = None) -> Record:
-    """A record for one provider at one shape (``result`` None: the provider failed with ``error``)."""
+def step_fields(roof: Roofline, batch: int, plan: Plan) -> dict:
+    """The bytes a decode step reads at ``batch``: ``weight_gb`` and ``kv_mb`` (in every record, failed or not)."""
     weight, kv = roof.step_bytes(batch, plan)
-    extra: dict = dict(weight_gb=weight / 1e9, kv_mb=kv / 1e6)
-    if result is None:
-        return make_record(bench=bench, provider=provider, shape=shape, dtype=dtype, device=device, timing=None,
-                           error=error, **extra)
+    return dict(weight_gb=weight / 1e9, kv_mb=kv / 1e6)
+
+
+def decode_record(*, bench: str, provider: str, shape: str, dtype: torch.dtype, device: torch.device,
+                  batch: int, plan: Plan, roof: Roofline, result: LoopResult,
+                  reference: torch.Tensor | None = None) -> Record:
+    """The record of one provider's pooled decode loops at one shape."""
+    weight, kv = roof.step_bytes(batch, plan)
     timing = quantiles(result.step_ms)
     rec = make_record(bench=bench, provider=provider, shape=shape, dtype=dtype, device=device, timing=timing,
-                      nbytes=weight + kv, **extra)
+                      nbytes=weight + kv, **step_fields(roof, batch, plan))
     p50 = timing[1]
     rec.extra.update(
         tokens_per_s=1e3 / p50 * batch,
@@ -476,70 +478,94 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
-def run_providers(*, bench: str, label: Callable[[int], str], decoder: nn.Module, spec: DecodeSpec, plan: Plan,
-                  max_model_len: int, dtype: torch.dtype, device: torch.device, roof: Roofline,
-                  hf_factory: Callable[[], nn.Module], hf_kwargs: Callable[[int], Callable[[], dict]]
-                  ) -> list[Record]:
-    """Times ``omni`` / ``omni-sync`` / ``torch-eager`` on our runner and ``hf-generate`` at each batch of the
-    plan; a provider that fails gets a record with its ``error`` and the others go on."""
-    records: list[Record] = []
-    reference: dict[int, torch.Tensor] = {}
+@dataclass
+class DecodeSetup:
+    """What the decode groups of one decoder share, built on first use: the decoder and what feeds it, the
+    model's ``max_model_len`` (the engine's, so the per-step block-table copy has its real width), the roofline,
+    and HF's twin (``hf_factory``: HF's model with our weights; ``hf_kwargs(batch)``: its generate arguments)."""
 
-    def add(provider, batch, result=None, error=None):
-        records.append(decode_record(bench=bench, provider=provider, shape=label(batch), dtype=dtype, device=device,
-                                     batch=batch, plan=plan, roof=roof, result=result, error=error,
-                                     reference=reference.get(batch) if provider != "omni" else None))
+    spec: DecodeSpec
+    max_model_len: int
+    roof: Roofline
+    hf_factory: Callable[[], nn.Module]
+    hf_kwargs: Callable[[int], Callable[[], dict]]
 
-    # (provider, CUDA graphs, sync each step, backend of every op): one runner per (graphs, backend), since a
-    # captured graph keeps the kernels of the backend it was captured with.
+
+HF_GENERATE = "hf-generate"
+
+
+def decode_variants(device: torch.device) -> list[tuple[str, bool, bool, str | None]]:
+    """(provider, CUDA graphs, sync each step, backend of every op) of our decode loop on ``device``."""
     variants = [("omni", True, False, None), ("omni-sync", True, True, None)]
     if device.type == "cuda":
         variants.append(("torch-eager", False, False, None))
         # Every op on one compiled backend, the fused add_rms_norm / silu_and_mul included (their default is the
         # torch reference until a run like this one shows them winning).
         variants += [("omni-all-cuda", True, False, "cuda"), ("omni-all-triton", True, False, "triton")]
-    for graphs, backend in dict.fromkeys((v[1], v[3]) for v in variants):
-        names = [v for v in variants if (v[1], v[3]) == (graphs, backend)]
-        runner = None
-        try:
-            runner = make_runner(decoder, graphs=graphs, plan=plan, max_model_len=max_model_len, dtype=dtype,
-                                 device=device)
-        except Exception as exc:  # a provider's failure is a record, not a crash
-            for name, *_ in names:
-                for batch in plan.batches:
-                    add(name, batch, error=error_text(exc))
-            continue
-        try:
-            for name, _, sync, _ in names:
-                for batch in plan.batches:
-                    try:
-                        with use_backend(backend):
-                            result = time_runner(runner, spec, plan, batch, sync_each_step=sync)
-                    except Exception as exc:
-                        add(name, batch, error=error_text(exc))
-                        continue
-                    if name == "omni":
-                        reference[batch] = result.tokens
-                    add(name, batch, result)
-        finally:
-            runner = None
-            release_runner()
+    return variants
 
-    hf = None
-    try:
-        hf = hf_factory()
-    except Exception as exc:  # transformers missing or its API moved: say so in the records
+
+def decode_groups(*, bench: str, label: Callable[[int], str], plan: Plan, dtype: torch.dtype, device: torch.device,
+                  setup: Callable[[], DecodeSetup]) -> list[CaseGroup]:
+    """``omni`` / ``omni-sync`` / ``torch-eager`` / ``omni-all-*`` on our runner and ``hf-generate`` at each batch
+    of the plan: one group per runner (the variants with the same CUDA graphs and backend: a captured graph keeps
+    the kernels of the backend it was captured with), then one for HF. A provider that fails gets a record with its
+    ``error`` and the others go on. ``match_tokens`` compares each row with ``omni``'s ids at the same batch."""
+    reference: dict[int, torch.Tensor] = {}
+    variants = decode_variants(device)
+
+    def row(provider: str, batch: int, fn, warmup, pool, error: BaseException | None) -> Case:
+        s = setup()
+
+        def record(runs: list[LoopResult]) -> Record:
+            result = pool(runs)
+            if provider == "omni":
+                reference[batch] = result.tokens
+            return decode_record(bench=bench, provider=provider, shape=label(batch), dtype=dtype, device=device,
+                                 batch=batch, plan=plan, roof=s.roof, result=result,
+                                 reference=reference.get(batch) if provider != "omni" else None)
+
+        return Case(bench, provider, label(batch), dtype, fn, baseline=HF_GENERATE,
+                    extra=step_fields(s.roof, batch, plan), loop=Loop(warmup, plan.reps, record), error=error,
+                    catch=True)
+
+    def runner_cases(graphs: bool, backend: str | None) -> list[Case]:
+        s = setup()
+        runner, error = None, None
+        try:
+            runner = make_runner(s.spec.decoder, graphs=graphs, plan=plan, max_model_len=s.max_model_len,
+                                 dtype=dtype, device=device)
+        except Exception as exc:  # a provider's failure is a record, not a crash
+            error = exc
+        cases = []
+        for name, _, sync, _ in (v for v in variants if (v[1], v[3]) == (graphs, backend)):
+            for batch in plan.batches:
+                loop = partial(decode_loop, runner, s.spec, batch, sync_each_step=sync)
+                cases.append(row(name, batch, with_backend(backend, partial(loop, plan.steps)),
+                                 with_backend(backend, partial(loop, WARMUP_STEPS)), pool_runs, error))
+        return cases
+
+    def hf_cases() -> list[Case]:
+        s = setup()
+        hf, error = None, None
+        try:
+            hf = s.hf_factory()
+        except Exception as exc:  # transformers missing or its API moved: say so in the records
+            error = exc
+        cases = []
         for batch in plan.batches:
-            add("hf-generate", batch, error=error_text(exc))
-    if hf is not None:
-        for batch in plan.batches:
-            try:
-                add("hf-generate", batch, time_hf(hf, hf_kwargs(batch), plan, device))
-            except Exception as exc:
-                add("hf-generate", batch, error=error_text(exc))
-        del hf
-        release_runner()
-    return set_speedups(records, "hf-generate")
+            kwargs = s.hf_kwargs(batch)
+            cases.append(row(HF_GENERATE, batch, partial(hf_generate_loop, hf, kwargs, plan.steps, device),
+                             partial(hf_generate_loop, hf, kwargs, WARMUP_STEPS, device), pool_hf, error))
+        return cases
+
+    groups = []
+    for graphs, backend in dict.fromkeys((v[1], v[3]) for v in variants):
+        names = [v[0] for v in variants if (v[1], v[3]) == (graphs, backend)]
+        rows = [CaseKey(bench, name, label(b), dtype_name(dtype)) for name in names for b in plan.batches]
+        groups.append(CaseGroup(rows, partial(runner_cases, graphs, backend), release=True))
+    hf_rows = [CaseKey(bench, HF_GENERATE, label(b), dtype_name(dtype)) for b in plan.batches]
+    return groups + [CaseGroup(hf_rows, hf_cases, release=True)]
 
 
 # --------------------------------------------------------------------------------------- the Thinker
@@ -564,7 +590,9 @@ def _hf_thinker(cfg: OmniConfig, ours: ThinkerTextModel, lm_head: nn.Linear, dty
     return hf
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """The float decode groups (:func:`decode_groups`), then the int4 ones (:func:`int4_groups`); the model is built
+    with the first group and shared by all (on CUDA the int4 rows' float model is this one)."""
     dev = torch.device(device)
     plan = plan_for(dev, quick)
     preset = preset_for(dev, preset)
@@ -572,47 +600,47 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     cfg = OmniConfig.preset(preset)
     thinker = cfg.thinker_config
     text = thinker.text_config
-
-    model = build_random(lambda: ThinkerTextModel(text), dtype=dtype, device=dev, seed=SEED)
-    lm_head = build_random(lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False), dtype=dtype,
-                           device=dev, seed=SEED + 1)
-    elem = torch.empty((), dtype=dtype).element_size()
-    layers_bytes = param_bytes(model, lm_head, skip=(model.embed_tokens,))
-    roof = device_roofline(dev, lambda b: layers_bytes + b * text.hidden_size * elem,
-                           2 * text.num_hidden_layers * text.kv_size * elem)
-
     stops = set(thinker.stop_token_ids)
     special = {getattr(thinker, n) for n in thinker._SPECIAL} | stops
     special |= {i for i in (thinker.pad_token_id, thinker.bos_token_id, text.pad_token_id) if i is not None}
     gen = torch.Generator().manual_seed(SEED)
     prompts = [safe_ids(text.vocab_size, special, plan.prompt, gen) for _ in range(max(plan.batches))]
 
-    spec = DecodeSpec(
-        decoder=model,
-        prompt_ids=lambda b: prompts[:b],
-        prefill_inputs=lambda b: model.embed_tokens(torch.tensor(prompts[:b], device=dev).flatten()),
-        step_inputs=lambda ids, step: model.embed_tokens(ids),
-        logits=lambda h: lm_head(h).float(),
-        allowed=allowed_mask(text.vocab_size, stops, dev),
-    )
+    @functools.cache
+    def models() -> tuple[ThinkerTextModel, nn.Linear]:
+        return (build_random(lambda: ThinkerTextModel(text), dtype=dtype, device=dev, seed=SEED),
+                build_random(lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False), dtype=dtype,
+                             device=dev, seed=SEED + 1))
 
-    def hf_kwargs(batch: int) -> Callable[[], dict]:
-        ids = torch.tensor(prompts[:batch], device=dev)
-        eos = sorted(stops) or None
-        return lambda: dict(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=eos,
-                            pad_token_id=eos[0] if eos else None)
+    @functools.cache
+    def setup() -> DecodeSetup:
+        model, lm_head = models()
+        elem = torch.empty((), dtype=dtype).element_size()
+        layers_bytes = param_bytes(model, lm_head, skip=(model.embed_tokens,))
+        roof = device_roofline(dev, lambda b: layers_bytes + b * text.hidden_size * elem,
+                               2 * text.num_hidden_layers * text.kv_size * elem)
+
+        def hf_kwargs(batch: int) -> Callable[[], dict]:
+            ids = torch.tensor(prompts[:batch], device=dev)
+            eos = sorted(stops) or None
+            return lambda: dict(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=eos,
+                                pad_token_id=eos[0] if eos else None)
+
+        return DecodeSetup(spec=_spec(model, lm_head, prompts, text.vocab_size, stops, dev),
+                           max_model_len=text.max_position_embeddings, roof=roof,
+                           hf_factory=lambda: _hf_thinker(cfg, model, lm_head, dtype, dev), hf_kwargs=hf_kwargs)
 
     name = short_name(preset)
-    records = run_providers(
-        bench="thinker_decode",
-        label=lambda b: f"thinker-{name} B={b} prompt={plan.prompt} steps={plan.steps}",
-        decoder=model, spec=spec, plan=plan, max_model_len=text.max_position_embeddings, dtype=dtype,
-        device=dev, roof=roof, hf_factory=lambda: _hf_thinker(cfg, model, lm_head, dtype, dev),
-        hf_kwargs=hf_kwargs,
-    )
-    float_model = (model, lm_head) if dev.type == "cuda" else None  # CPU: tiny's widths do not pack as int4
-    del spec
-    return records + run_int4(dev, plan, name, text, dtype, prompts, stops, float_model=float_model)
+    groups = decode_groups(bench="thinker_decode",
+                           label=lambda b: f"thinker-{name} B={b} prompt={plan.prompt} steps={plan.steps}",
+                           plan=plan, dtype=dtype, device=dev, setup=setup)
+    # CPU: tiny's widths do not pack as int4, so the int4 section builds its own float model.
+    return groups + int4_groups(dev, plan, name, text, dtype, prompts, stops,
+                                float_model=models if dev.type == "cuda" else None)
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 # --------------------------------------------------------------------------------------- int4 (issue 13)
@@ -667,70 +695,102 @@ def prefill_once(runner: DecoderRunner, decoder: nn.Module, ids: list[int]) -> t
         runner.free(seq)
 
 
-def run_int4(dev: torch.device, plan: Plan, name: str, text, dtype: torch.dtype, prompts: list[list[int]],
-             stops: set[int], *, float_model: tuple[nn.Module, nn.Linear] | None = None) -> list[Record]:
+INT4_BASELINE = "omni-float"
+
+
+def int4_groups(dev: torch.device, plan: Plan, name: str, text, dtype: torch.dtype, prompts: list[list[int]],
+                stops: set[int], *, float_model: Callable[[], tuple[nn.Module, nn.Linear]] | None = None
+                ) -> list[CaseGroup]:
     """Batch-1 decode and a 2048-token prefill of the int4 LM against the float LM at the same shapes (see the
-    module docstring). ``float_model``: the (decoder, lm_head) already built at these shapes, or None."""
+    module docstring): per provider a decode group and a prefill group, each with its own runner. ``float_model``:
+    returns the (decoder, lm_head) already built at these shapes; None: built here."""
     cuda = dev.type == "cuda"
     group = 128 if cuda else 32
     if not cuda:
         text = dataclasses.replace(text, intermediate_size=64)
     quant = QuantConfig("awq", group, sym=False)
     quant.check_model(text)
-    if float_model is None:
-        float_model = (build_random(lambda: ThinkerTextModel(text), dtype=dtype, device=dev, seed=SEED),
-                       build_random(lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False), dtype=dtype,
-                                    device=dev, seed=SEED + 1))
-    float_decoder, lm_head = float_model
-    int4_decoder = build_int4_decoder(text, quant, dtype=dtype, device=dev, seed=SEED)
     plan = dataclasses.replace(plan, batches=(1,))
     prefill_tokens = 2048 if cuda else 64
-    elem = torch.empty((), dtype=dtype).element_size()
-    kv = 2 * text.num_hidden_layers * text.kv_size * elem
-    head = module_bytes(lm_head)
-    providers = [("omni-float", float_decoder, None)] + [("omni-int4", int4_decoder, None)]
+    providers = [(INT4_BASELINE, None), ("omni-int4", None)]
     if cuda:
-        providers += [("omni-int4-cuda", int4_decoder, "cuda"), ("omni-int4-triton", int4_decoder, "triton")]
+        providers += [("omni-int4-cuda", "cuda"), ("omni-int4-triton", "triton")]
     label = f"thinker-{name} B=1 prompt={plan.prompt} steps={plan.steps} int4 g={group}"
     prefill_label = f"thinker-{name} prefill T={prefill_tokens} int4 g={group}"
     gen = torch.Generator().manual_seed(SEED + 5)
     prefill_ids = safe_ids(text.vocab_size, stops, prefill_tokens, gen)
-    records: list[Record] = []
-    for provider, decoder, backend in providers:
-        weights = module_bytes(decoder, skip=(decoder.embed_tokens,)) + head
-        roof = device_roofline(dev, lambda b, w=weights: w + b * text.hidden_size * elem, kv)
+
+    @functools.cache
+    def models() -> tuple[nn.Module, nn.Module, nn.Linear]:
+        """(the float decoder, the int4 decoder, lm_head)."""
+        if float_model is None:
+            float_decoder = build_random(lambda: ThinkerTextModel(text), dtype=dtype, device=dev, seed=SEED)
+            lm_head = build_random(lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False), dtype=dtype,
+                                   device=dev, seed=SEED + 1)
+        else:
+            float_decoder, lm_head = float_model()
+        return float_decoder, build_int4_decoder(text, quant, dtype=dtype, device=dev, seed=SEED), lm_head
+
+    def weight_bytes(provider: str) -> tuple[nn.Module, nn.Linear, int]:
+        float_decoder, int4_decoder, lm_head = models()
+        decoder = float_decoder if provider == INT4_BASELINE else int4_decoder
+        return decoder, lm_head, module_bytes(decoder, skip=(decoder.embed_tokens,)) + module_bytes(lm_head)
+
+    def decode(provider: str, backend: str | None) -> list[Case]:
+        decoder, lm_head, weights = weight_bytes(provider)
+        elem = torch.empty((), dtype=dtype).element_size()
+        roof = device_roofline(dev, lambda b: weights + b * text.hidden_size * elem,
+                               2 * text.num_hidden_layers * text.kv_size * elem)
         spec = _spec(decoder, lm_head, prompts, text.vocab_size, stops, dev)
-        runner = None
+        runner, error = None, None
         try:
             runner = make_runner(decoder, graphs=True, plan=plan, max_model_len=text.max_position_embeddings,
                                  dtype=dtype, device=dev)
-            with use_backend(backend):
-                result = time_runner(runner, spec, plan, 1)
-            records.append(decode_record(bench="thinker_decode_int4", provider=provider, shape=label, dtype=dtype,
-                                         device=dev, batch=1, plan=plan, roof=roof, result=result))
         except Exception as exc:  # a provider's failure is a record, not a crash
-            records.append(decode_record(bench="thinker_decode_int4", provider=provider, shape=label, dtype=dtype,
-                                         device=dev, batch=1, plan=plan, roof=roof, error=error_text(exc)))
-        finally:
-            runner = None
-            release_runner()
+            error = exc
+        loop = partial(decode_loop, runner, spec, 1)
+
+        def record(runs: list[LoopResult]) -> Record:
+            return decode_record(bench="thinker_decode_int4", provider=provider, shape=label, dtype=dtype,
+                                 device=dev, batch=1, plan=plan, roof=roof, result=pool_runs(runs))
+
+        return [Case("thinker_decode_int4", provider, label, dtype, with_backend(backend, partial(loop, plan.steps)),
+                     baseline=INT4_BASELINE, extra=step_fields(roof, 1, plan),
+                     loop=Loop(with_backend(backend, partial(loop, WARMUP_STEPS)), plan.reps, record), error=error,
+                     catch=True)]
+
+    def prefill(provider: str, backend: str | None) -> list[Case]:
+        decoder, _, weights = weight_bytes(provider)
+        runner, error = None, None
         try:
             prefill_plan = Plan(prompt=prefill_tokens, steps=0, batches=(1,), reps=1)
             runner = make_runner(decoder, graphs=False, plan=prefill_plan, max_model_len=text.max_position_embeddings,
                                  dtype=dtype, device=dev)
-            with use_backend(backend):
-                timing = do_bench(lambda r=runner, d=decoder: prefill_once(r, d, prefill_ids), device=dev,
-                                  warmup=2, rep=10 if cuda else 3, flush_l2=False, max_seconds=20.0)
-            records.append(make_record(bench="thinker_prefill_int4", provider=provider, shape=prefill_label,
-                                       dtype=dtype, device=dev, timing=timing, weight_gb=weights / 1e9,
-                                       tokens_per_s=prefill_tokens / (timing[1] * 1e-3)))
         except Exception as exc:
-            records.append(make_record(bench="thinker_prefill_int4", provider=provider, shape=prefill_label,
-                                       dtype=dtype, device=dev, timing=None, error=error_text(exc)))
-        finally:
-            runner = None
-            release_runner()
-    return set_speedups(records, "omni-float")
+            error = exc
+
+        def finish(rec: Record) -> None:
+            rec.extra.update(weight_gb=weights / 1e9, tokens_per_s=prefill_tokens / (rec.ms_p50 * 1e-3))
+
+        return [Case("thinker_prefill_int4", provider, prefill_label, dtype,
+                     with_backend(backend, partial(prefill_once, runner, decoder, prefill_ids)),
+                     baseline=INT4_BASELINE, finish=finish, warmup=2, rep=10 if cuda else 3, flush_l2=False,
+                     max_seconds=20.0, error=error, catch=True)]
+
+    groups = []
+    for provider, backend in providers:
+        groups.append(CaseGroup(keys("thinker_decode_int4", [provider], label, dtype),
+                                partial(decode, provider, backend), release=True))
+        groups.append(CaseGroup(keys("thinker_prefill_int4", [provider], prefill_label, dtype),
+                                partial(prefill, provider, backend), release=True))
+    return groups
+
+
+def run_int4(dev: torch.device, plan: Plan, name: str, text, dtype: torch.dtype, prompts: list[list[int]],
+             stops: set[int], *, float_model: tuple[nn.Module, nn.Linear] | None = None) -> list[Record]:
+    """The records of :func:`int4_groups` (``float_model``: the (decoder, lm_head) already built, or None)."""
+    return run_groups(int4_groups(dev, plan, name, text, dtype, prompts, stops,
+                                  float_model=None if float_model is None else lambda: float_model), dev)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ the same codes and noise (``hf`` rows: HF's against ours, a parity figure), ``rt
 
 from __future__ import annotations
 
+import functools
 import math
+from functools import partial
 
 import torch
 
-from omni_kernels.testing import Record, bench_main, do_bench, make_record
+from omni_benchmarks.cases import Case, CaseGroup, CaseKey, run_groups
+from omni_kernels.testing import Record, bench_main
 from omni_model.config import SAMPLE_RATE, OmniConfig
 from omni_model.hf_compat import randomize_weights_
 from omni_model.models.token2wav import HF_NOISE_FRAMES, Token2Wav
@@ -34,6 +37,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 SEED = 0
 
 
+@functools.cache
 def _transformers_token2wav():
     try:
         from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniToken2WavConfig
@@ -83,23 +87,21 @@ def _inputs(cfg, codes_n: int, dev: torch.device):
     return codes.to(dev), cond.to(dev), ref_mel.to(dev), noise
 
 
-def _time(fn, dev: torch.device, quick: bool) -> tuple[tuple[float, float, float], float | None]:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    timing = do_bench(fn, device=dev, warmup=1, rep=3 if quick else 5, max_seconds=2 if quick else 10)
-    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    return timing, peak
+def _shapes(cfg, label: str, codes_n: int, voc_frames: int) -> dict[str, str]:
+    frames = cfg.dit.repeats * codes_n
+    return {"dit": f"dit x{PASSES} {label} ({frames} frames)", "vocoder": f"vocoder {label} ({voc_frames} frames)",
+            "total": f"total {label} ({frames} frames)"}
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
-    dev = torch.device(device)
-    on_cpu = dev.type != "cuda"
-    cfg = OmniConfig.preset("tiny" if on_cpu else preset).token2wav_config
-    cases = CASES_QUICK if on_cpu else CASES
-    # TF32 does not exist on CPU: the tf32 rows would repeat the fp32 ones.
-    precisions = tuple(p for p in PRECISIONS if not (on_cpu and p == "tf32"))
+def _keys(cfg, label: str, codes_n: int, voc_frames: int, precisions: tuple[str, ...], hf: bool) -> list[CaseKey]:
+    shapes = _shapes(cfg, label, codes_n, voc_frames)
+    rows = [CaseKey("token2wav", "omni", shapes[part], p) for p in precisions for part in shapes]
+    return rows + ([CaseKey("token2wav", "hf", shapes[part], "fp32") for part in shapes] if hf else [])
 
+
+def _models(cfg, precisions: tuple[str, ...],
+            dev: torch.device) -> tuple[dict[str, Token2Wav], torch.nn.Module | None]:
+    """Ours at every precision and HF's (None without transformers), with the same random weights."""
     hf_classes = _transformers_token2wav()
     hf = None
     if hf_classes is not None:
@@ -120,16 +122,30 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
         else:
             _randomize(m, SEED)
         models[p] = m.to(dev)
-
-    records: list[Record] = []
-    for label, codes_n, voc_frames in cases:
-        records += _bench_case(cfg, models, hf, label, codes_n, voc_frames, dev, quick)
-    return _speedups_vs_hf(records)
+    return models, hf
 
 
-def _bench_case(cfg, models: dict[str, Token2Wav], hf, label: str, codes_n: int, voc_frames: int,
-                dev: torch.device, quick: bool) -> list[Record]:
-    records: list[Record] = []
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per case (a chunk, an utterance); the models are built with the first group and shared."""
+    dev = torch.device(device)
+    on_cpu = dev.type != "cuda"
+    cfg = OmniConfig.preset("tiny" if on_cpu else preset).token2wav_config
+    cases = CASES_QUICK if on_cpu else CASES
+    # TF32 does not exist on CPU: the tf32 rows would repeat the fp32 ones.
+    precisions = tuple(p for p in PRECISIONS if not (on_cpu and p == "tf32"))
+    has_hf = _transformers_token2wav() is not None
+    models = functools.cache(lambda: _models(cfg, precisions, dev))
+
+    def build(label: str, codes_n: int, voc_frames: int) -> list[Case]:
+        return _cases(cfg, *models(), label, codes_n, voc_frames, dev, quick)
+
+    return [CaseGroup(_keys(cfg, label, codes_n, voc_frames, precisions, has_hf),
+                      partial(build, label, codes_n, voc_frames)) for label, codes_n, voc_frames in cases]
+
+
+def _cases(cfg, models: dict[str, Token2Wav], hf, label: str, codes_n: int, voc_frames: int,
+           dev: torch.device, quick: bool) -> list[Case]:
+    cases: list[Case] = []
     codes, cond, ref_mel, noise = _inputs(cfg, codes_n, dev)
     frames = cfg.dit.repeats * codes_n
     ref = models["fp32"]
@@ -138,18 +154,21 @@ def _bench_case(cfg, models: dict[str, Token2Wav], hf, label: str, codes_n: int,
     # The vocoder case: the first voc_frames frames of the fp32 mel (tiled when the utterance is shorter).
     voc_mel = mel32.repeat(1, 1, -(-voc_frames // frames))[..., :voc_frames]
     voc_wave32 = ref.vocode(voc_mel)
-    shapes = {"dit": f"dit x{PASSES} {label} ({frames} frames)", "vocoder": f"vocoder {label} ({voc_frames} frames)",
-              "total": f"total {label} ({frames} frames)"}
+    shapes = _shapes(cfg, label, codes_n, voc_frames)
     hop = cfg.bigvgan.hop_length
     audio_s = {"dit": frames * hop / SAMPLE_RATE, "vocoder": voc_frames * hop / SAMPLE_RATE,
                "total": frames * hop / SAMPLE_RATE}
     flops = _dit_flops(cfg, frames, 2)
 
+    def rtf(rec: Record, part: str) -> None:
+        rec.extra["rtf"] = rec.ms_p50 / 1e3 / audio_s[part]
+
     def add(part, provider, dtype, fn, **extra):
-        timing, peak = _time(fn, dev, quick)
-        records.append(make_record(bench="token2wav", provider=provider, shape=shapes[part], dtype=dtype,
-                                   device=dev, timing=timing, flops=flops if part == "dit" else None,
-                                   rtf=timing[1] / 1e3 / audio_s[part], peak_mib=peak, **extra))
+        # speedup: HF's p50 (fp32, as HF runs) over ours, whatever our precision; HF's rows have none.
+        cases.append(Case("token2wav", provider, shapes[part], dtype, fn, flops=flops if part == "dit" else None,
+                          baseline="hf" if provider != "hf" else None, baseline_dtype="fp32", extra=extra,
+                          finish=partial(rtf, part=part), warmup=1, rep=3 if quick else 5,
+                          max_seconds=2 if quick else 10, peak_memory=True))
 
     for p, m in models.items():
         mel = m.mel(codes, cond, ref_mel, noise, num_steps=NUM_STEPS)
@@ -159,38 +178,35 @@ def _bench_case(cfg, models: dict[str, Token2Wav], hf, label: str, codes_n: int,
         add("total", "omni", p, lambda m=m: m(codes, cond, ref_mel, noise, num_steps=NUM_STEPS),
             mel_snr_db=_snr_db(mel, mel32), wave_snr_db=_snr_db(m.vocode(mel), wave32))
     if hf is None:
-        return records
+        return cases
     seed = _noise_seed(codes_n)
 
+    @torch.no_grad()
     def hf_mel():
         torch.manual_seed(seed)  # HF's sample draws its noise from the global CPU generator: this gives ours
         return hf.code2wav_dit_model.sample(cond, ref_mel, codes, num_steps=NUM_STEPS)
 
+    @torch.no_grad()
     def hf_total():
         torch.manual_seed(seed)
         return hf(codes, cond, ref_mel, num_steps=NUM_STEPS)
 
+    @torch.no_grad()
     def hf_vocoder():
         return hf.code2wav_bigvgan_model(voc_mel)
 
-    with torch.no_grad():
-        add("dit", "hf", "fp32", hf_mel, mel_snr_db=_snr_db(hf_mel(), mel32))
-        add("vocoder", "hf", "fp32", hf_vocoder, wave_snr_db=_snr_db(hf_vocoder().reshape(1, -1), voc_wave32))
-        add("total", "hf", "fp32", hf_total, wave_snr_db=_snr_db(hf_total().reshape(1, -1), wave32))
-    return records
+    add("dit", "hf", "fp32", hf_mel, mel_snr_db=_snr_db(hf_mel(), mel32))
+    add("vocoder", "hf", "fp32", hf_vocoder, wave_snr_db=_snr_db(hf_vocoder().reshape(1, -1), voc_wave32))
+    add("total", "hf", "fp32", hf_total, wave_snr_db=_snr_db(hf_total().reshape(1, -1), wave32))
+    return cases
 
 
 def _noise_seed(codes_n: int) -> int:
     return SEED + codes_n
 
 
-def _speedups_vs_hf(records: list[Record]) -> list[Record]:
-    base = {r.shape: r.ms_p50 for r in records if r.provider == "hf"}
-    for r in records:
-        b = base.get(r.shape)
-        if b and r.ms_p50 and r.provider != "hf":
-            r.baseline, r.speedup = "hf", b / r.ms_p50
-    return records
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

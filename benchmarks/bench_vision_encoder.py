@@ -26,21 +26,23 @@ over the merged tokens, checked once per input before timing, same dtype on both
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from omni_benchmarks.bench_thinker import (
     build_random,
     copy_into_hf,
-    error_text,
     hf_build_context,
     preset_for,
     short_name,
 )
 from omni_benchmarks.bench_window_attention import vision_grid
+from omni_benchmarks.cases import Case, CaseGroup, keys, run_groups
 from omni_kernels._backend import resolve
-from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
+from omni_kernels.testing import Record, bench_main
 from omni_model.config import OmniConfig
 from omni_model.hf_compat import hf_config
 from omni_model.layers.backend import use_backend
@@ -95,61 +97,62 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.double() - ref.double()).abs().max().item() / max(scale, 1e-30)
 
 
-def _time(fn: Callable[[], object], dev: torch.device, quick: bool) -> tuple[tuple[float, float, float], float | None]:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    timing = do_bench(fn, device=dev, warmup=2 if quick else 5, rep=3 if quick else 30,
-                      max_seconds=2 if quick else 10)
-    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    return timing, peak
+def _label(cfg, preset_name: str, name: str, grid: tuple[int, int, int]) -> str:
+    t, h, w = grid
+    tokens = t * h * w // cfg.thinker_config.vision_config.spatial_merge_size**2
+    return f"vit-{preset_name} {name} grid={t}x{h}x{w} ({t * h * w} patches -> {tokens} tokens)"
 
 
-@torch.inference_mode()
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per input (hf, omni, omni-torch); both encoders are built with the first group and shared."""
     dev = torch.device(device)
     preset = preset_for(dev, preset)  # the tiny preset on CPU
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = OmniConfig.preset(preset)
-    ours = build_random(lambda: VisionEncoder(cfg.thinker_config.vision_config), dtype=dtype, device=dev,
-                        seed=SEED)
-    hf, hf_error = None, None
-    try:
-        hf = _hf_encoder(cfg, ours, dtype, dev)
-    except Exception as exc:  # transformers missing or its API moved: the hf rows say so
-        hf_error = error_text(exc)
-    records: list[Record] = []
+
+    @functools.cache
+    @torch.inference_mode()
+    def encoders() -> tuple[VisionEncoder, torch.nn.Module | None, BaseException | None]:
+        ours = build_random(lambda: VisionEncoder(cfg.thinker_config.vision_config), dtype=dtype, device=dev,
+                            seed=SEED)
+        try:
+            return ours, _hf_encoder(cfg, ours, dtype, dev), None
+        except Exception as exc:  # transformers missing or its API moved: the hf rows say so
+            return ours, None, exc
+
+    def build(name: str, grid: tuple[int, int, int], label: str) -> list[Case]:
+        return _input_cases(cfg, *encoders(), name, grid, label, dtype, dev, quick)
+
+    groups = []
     for name, height, width, frames in INPUTS if dev.type == "cuda" else INPUTS_QUICK:
-        records += _bench_input(cfg, ours, hf, hf_error, name, vision_grid(height, width, frames), dtype, dev,
-                                quick, short_name(preset))
-    return set_speedups(records, BASELINE)
+        grid = vision_grid(height, width, frames)
+        label = _label(cfg, short_name(preset), name, grid)
+        groups.append(CaseGroup(keys("vision_encoder", (BASELINE, "omni", "omni-torch"), label, dtype),
+                                partial(build, name, grid, label)))
+    return groups
 
 
-def _bench_input(cfg, ours: VisionEncoder, hf: torch.nn.Module | None, hf_error: str | None, name: str,
-                 grid: tuple[int, int, int], dtype: torch.dtype, dev: torch.device, quick: bool,
-                 preset_name: str) -> list[Record]:
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
+
+
+@torch.inference_mode()
+def _input_cases(cfg, ours: VisionEncoder, hf: torch.nn.Module | None, hf_error: BaseException | None, name: str,
+                 grid: tuple[int, int, int], label: str, dtype: torch.dtype, dev: torch.device,
+                 quick: bool) -> list[Case]:
     vcfg = cfg.thinker_config.vision_config
     grids = [grid]
     pixels = _pixels(grids, vcfg, dev)
     grid_thw = torch.tensor(grids, dtype=torch.int64, device=dev)
-    t, h, w = grid
-    tokens = t * h * w // vcfg.spatial_merge_size**2
-    label = f"vit-{preset_name} {name} grid={t}x{h}x{w} ({t * h * w} patches -> {tokens} tokens)"
     flops = encoder_flops(vcfg, grids)
-    records: list[Record] = []
 
-    def add(provider: str, fn: Callable[[], object] | None, error: str | None = None, **extra) -> None:
-        timing = peak = None
-        if error is None:
-            try:
-                timing, peak = _time(fn, dev, quick)
-            except Exception as exc:  # recorded, not hidden, and the other providers go on
-                error = error_text(exc)
-        if error is not None:
-            extra["error"] = error
-        records.append(make_record(bench="vision_encoder", provider=provider, shape=label, dtype=dtype, device=dev,
-                                   timing=timing, flops=flops, peak_mib=peak, **extra))
+    def case(provider: str, fn: Callable[[], object], error: BaseException | None, **extra) -> Case:
+        # catch: a provider that fails is recorded, not raised, and the other providers go on.
+        return Case("vision_encoder", provider, label, dtype, fn, flops=flops, baseline=BASELINE, extra=extra,
+                    warmup=2 if quick else 5, rep=3 if quick else 30, max_seconds=2 if quick else 10,
+                    peak_memory=True, error=error, catch=True)
 
+    @torch.inference_mode()
     def hf_call():
         return hf(pixels, grid_thw)
 
@@ -158,10 +161,12 @@ def _bench_input(cfg, ours: VisionEncoder, hf: torch.nn.Module | None, hf_error:
         try:
             ref = hf_call()
         except Exception as exc:
-            error = error_text(exc)
-    add(BASELINE, hf_call, error, hf_attn_implementation=hf.config._attn_implementation if hf is not None else None)
+            error = exc
+    cases = [case(BASELINE, hf_call, error,
+                  hf_attn_implementation=hf.config._attn_implementation if hf is not None else None)]
 
     for provider, backend in (("omni", None), ("omni-torch", "torch")):
+        @torch.inference_mode()
         def call(backend=backend):
             with use_backend(backend):
                 return ours(pixels, grids)
@@ -172,9 +177,9 @@ def _bench_input(cfg, ours: VisionEncoder, hf: torch.nn.Module | None, hf_error:
             if ref is not None:
                 extra["max_rel_err_vs_hf"] = _rel_err(out, ref)
         except Exception as exc:
-            error = error_text(exc)
-        add(provider, call, error, **extra)
-    return records
+            error = exc
+        cases.append(case(provider, call, error, **extra))
+    return cases
 
 
 if __name__ == "__main__":

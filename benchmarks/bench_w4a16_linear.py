@@ -20,14 +20,19 @@ Bytes (``gbps``): what a call must move: the packed weights, scales and zero poi
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
-from omni_kernels import available, w4a16_linear, w4a16_linear_ref
-from omni_kernels.testing import Record, bench_main, device_name, do_bench, make_record, set_speedups, spec_for
+from omni_benchmarks.cases import Case, CaseGroup, compiled_backends, keys, run_groups
+from omni_kernels import w4a16_linear, w4a16_linear_ref
+from omni_kernels.testing import Record, bench_main, device_name, spec_for
 from omni_kernels.w4a16_linear import dequantize_w4a16, pack_w4a16
 from omni_model.config import OmniConfig
 
+BENCH = "w4a16_linear"
+BASELINE = "F.linear"
 GROUP = 128
 ROWS = (1, 8, 2048)
 ROWS_QUICK = (1, 8)
@@ -54,49 +59,57 @@ def _operands(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, 
     return x, args
 
 
+def providers(dev: torch.device) -> list[str]:
+    return ["torch", "torch.compile", BASELINE, *compiled_backends(BENCH, dev)]
+
+
 def _providers(dev: torch.device, x: torch.Tensor, args: dict, weight: torch.Tensor, compiled) -> dict:
     """provider -> (call, weight bytes it reads)."""
     int4_bytes = sum(t.numel() * t.element_size() for t in args.values())
-    providers = {
+    calls = {
         "torch": (lambda: w4a16_linear_ref(x, group_size=GROUP, **args), int4_bytes),
         "torch.compile": (lambda: compiled(x, group_size=GROUP, **args), int4_bytes),
-        "F.linear": (lambda: F.linear(x, weight, args["bias"]), (weight.numel() + weight.shape[0]) * x.element_size()),
+        BASELINE: (lambda: F.linear(x, weight, args["bias"]), (weight.numel() + weight.shape[0]) * x.element_size()),
     }
-    for backend in available("w4a16_linear", dev):
-        if backend == "torch" or (backend == "triton" and dev.type == "cpu"):  # interpreter timings mean nothing
-            continue
-        providers[backend] = (lambda b=backend: w4a16_linear(x, group_size=GROUP, backend=b, **args), int4_bytes)
-    return providers
+    for backend in providers(dev)[3:]:
+        calls[backend] = (lambda b=backend: w4a16_linear(x, group_size=GROUP, backend=b, **args), int4_bytes)
+    return calls
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per (linear, M); the operands and the float weight are made when the group is built."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    spec = spec_for(device_name(dev)) if cuda else None
     compiled = torch.compile(w4a16_linear_ref)
-    records = []
+
+    def build(m, k, n, label) -> list[Case]:
+        spec = spec_for(device_name(dev)) if cuda else None
+        x, args = _operands(m, k, n, dtype, dev)
+        # (N, K): the dequantized weight as a float Linear holds it.
+        weight = dequantize_w4a16(args["qweight"], args["scales"], args["zeros"], group_size=GROUP).t().contiguous()
+        io_bytes = (m * k + m * n) * x.element_size()
+
+        def finish(rec: Record, weight_bytes: float) -> None:
+            rec.extra["weight_mb"] = weight_bytes / 1e6
+            rec.extra["pct_of_spec_bw"] = 100 * rec.gbps / spec["hbm_gbps"] if spec and rec.gbps else None
+
+        # A provider's failure is a record (catch), not a crash.
+        return [Case(BENCH, provider, label, dtype, fn, nbytes=weight_bytes + io_bytes, flops=2 * m * k * n,
+                     baseline=BASELINE, finish=partial(finish, weight_bytes=weight_bytes),
+                     rep=20 if quick or not cuda else 100, catch=True)
+                for provider, (fn, weight_bytes) in _providers(dev, x, args, weight, compiled).items()]
+
+    groups = []
     for name, k, n in shapes(preset) if cuda else CPU_SHAPES:
         for m in (ROWS_QUICK if quick or not cuda else ROWS):
-            x, args = _operands(m, k, n, dtype, dev)
-            # (N, K): the dequantized weight as a float Linear holds it.
-            weight = dequantize_w4a16(args["qweight"], args["scales"], args["zeros"], group_size=GROUP).t().contiguous()
-            io_bytes = (m * k + m * n) * x.element_size()
             label = f"{name} M={m} K={k} N={n} g={GROUP}"
-            for provider, (fn, weight_bytes) in _providers(dev, x, args, weight, compiled).items():
-                try:
-                    timing = do_bench(fn, device=dev, rep=20 if quick or not cuda else 100)
-                except Exception as exc:  # a provider's failure is a record, not a crash
-                    records.append(make_record(bench="w4a16_linear", provider=provider, shape=label, dtype=dtype,
-                                               device=dev, timing=None, error=f"{type(exc).__name__}: {exc}"[:500]))
-                    continue
-                rec = make_record(bench="w4a16_linear", provider=provider, shape=label, dtype=dtype, device=dev,
-                                  timing=timing, nbytes=weight_bytes + io_bytes, flops=2 * m * k * n,
-                                  weight_mb=weight_bytes / 1e6)
-                rec.extra["pct_of_spec_bw"] = 100 * rec.gbps / spec["hbm_gbps"] if spec and rec.gbps else None
-                records.append(rec)
-            del weight
-    return set_speedups(records, "F.linear")
+            groups.append(CaseGroup(keys(BENCH, providers(dev), label, dtype), partial(build, m, k, n, label)))
+    return groups
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

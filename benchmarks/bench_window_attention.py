@@ -20,14 +20,17 @@ layers); triton and cuda get max_seqlen, so they launch without a host sync, as 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from omni_kernels import available, window_attention, window_attention_ref
-from omni_kernels.testing import Record, bench_main, do_bench, make_record, set_speedups
+from omni_benchmarks.cases import Case, CaseGroup, compiled_backends, keys, run_groups
+from omni_kernels import window_attention, window_attention_ref
+from omni_kernels.testing import Record, bench_main
 from omni_kernels.window_attention import _segment_attention
 
+BENCH = "window_attention"
 BASELINE = "hf-sdpa-loop"
 PATCH, MERGE, WINDOW_PX, TEMPORAL_PATCH = 14, 2, 112, 2
 VISION_HEADS, VISION_HEAD_DIM = 16, 80
@@ -83,6 +86,12 @@ def shapes(quick: bool) -> list[tuple[str, list[int], int, int]]:
             ("audio-30s chunks", audio_segments(30), AUDIO_HEADS, AUDIO_HEAD_DIM)]
 
 
+def providers(dev: torch.device) -> list[str]:
+    cuda = dev.type == "cuda"
+    return ["torch", *(["torch.compile"] if cuda else []), BASELINE, "sdpa-dense-mask", *(["flex"] if cuda else []),
+            *compiled_backends(BENCH, dev)]
+
+
 def _providers(dev, q, k, v, cu, max_seqlen, compiled_segment) -> dict:
     num_tokens, num_heads, head_dim = q.shape
     scale = head_dim**-0.5
@@ -123,35 +132,39 @@ def _providers(dev, q, k, v, cu, max_seqlen, compiled_segment) -> dict:
         block_mask = create_block_mask(same_segment, B=None, H=None, Q_LEN=num_tokens, KV_LEN=num_tokens, device=dev)
         flex = torch.compile(flex_attention)
         providers["flex"] = lambda: flex(*heads_first, block_mask=block_mask, scale=scale)[0].transpose(0, 1)
-    for backend in available("window_attention", dev):
-        if backend == "torch" or (backend == "triton" and dev.type == "cpu"):
-            continue
+    for backend in compiled_backends(BENCH, dev):
         providers[backend] = lambda b=backend: window_attention(q, k, v, cu, max_seqlen=max_seqlen, backend=b)
     return providers
 
 
-def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
-    # The vision and audio encoders are the same in the 7B and 3B checkpoints: the preset changes nothing here.
+def case_groups(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[CaseGroup]:
+    """One group per shape. The vision and audio encoders are the same in the 7B and 3B checkpoints: the preset
+    changes nothing here."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     compiled_segment = torch.compile(_segment_attention, dynamic=True) if dev.type == "cuda" else None
-    records = []
-    for name, lengths, num_heads, head_dim in shapes(quick):
+
+    def build(lengths, num_heads, head_dim, label) -> list[Case]:
         num_tokens = sum(lengths)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
         qkv = torch.randn(num_tokens, 3, num_heads, head_dim, device=dev, dtype=dtype)
         q, k, v = qkv.unbind(1)  # views into a fused QKV output, as in the encoders
         flops = 4 * sum(n * n for n in lengths) * head_dim * num_heads
-        label = f"{name} T={num_tokens} segments={len(lengths)} max={max(lengths)} H={num_heads} D={head_dim}"
-        for provider, fn in _providers(dev, q, k, v, cu, max(lengths), compiled_segment).items():
-            try:
-                timing, error = do_bench(fn, device=dev, rep=10 if quick else 100), None
-            except Exception as e:  # a peer that cannot run this shape: recorded, not hidden
-                timing, error = None, f"{type(e).__name__}: {e}"[:300]
-            extra = {"error": error} if error else {}
-            records.append(make_record(bench="window_attention", provider=provider, shape=label, dtype=dtype,
-                                       device=dev, timing=timing, flops=flops, **extra))
-    return set_speedups(records, BASELINE)
+        # catch: a peer that cannot run this shape is recorded, not hidden.
+        return [Case(BENCH, provider, label, dtype, fn, flops=flops, baseline=BASELINE, rep=10 if quick else 100,
+                     catch=True, error_chars=300)
+                for provider, fn in _providers(dev, q, k, v, cu, max(lengths), compiled_segment).items()]
+
+    groups = []
+    for name, lengths, num_heads, head_dim in shapes(quick):
+        label = f"{name} T={sum(lengths)} segments={len(lengths)} max={max(lengths)} H={num_heads} D={head_dim}"
+        groups.append(CaseGroup(keys(BENCH, providers(dev), label, dtype),
+                                partial(build, lengths, num_heads, head_dim, label)))
+    return groups
+
+
+def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7b") -> list[Record]:
+    return run_groups(case_groups(device, quick, preset), device)
 
 
 if __name__ == "__main__":

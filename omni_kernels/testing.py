@@ -91,9 +91,17 @@ def quantiles(samples_ms: list[float], qs=(0.2, 0.5, 0.8)) -> tuple[float, ...]:
 
 
 @functools.cache
-def _l2_flush_buffer(device_index: int) -> torch.Tensor:
+def l2_flush_buffer(device_index: int) -> torch.Tensor:
     # 256 MB: larger than any current L2 (H100 50 MB, H200 60 MB), so each timed call starts cold.
     return torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=f"cuda:{device_index}")
+
+
+def bench_rounds(once_s: float, *, warmup: int, rep: int, max_seconds: float, cuda: bool) -> tuple[int, int]:
+    """(warm-up calls, timed calls) for a function whose first call took ``once_s`` seconds: ``rep`` timed calls,
+    fewer when they would take more than ``max_seconds`` (at least 3); on CUDA at least one warm-up call and no more
+    than the timed calls, on CPU at most 2 (shared by :func:`do_bench` and the pytest-benchmark adapter)."""
+    rep = max(3, min(rep, int(max_seconds / max(once_s, 1e-6))))
+    return (max(1, min(warmup, rep)) if cuda else min(warmup, 2)), rep
 
 
 def do_bench(
@@ -118,12 +126,11 @@ def do_bench(
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize(device)
-        once = time.perf_counter() - t0
-        rep = max(3, min(rep, int(max_seconds / max(once, 1e-6))))
-        warmup = max(1, min(warmup, rep))
+        warmup, rep = bench_rounds(time.perf_counter() - t0, warmup=warmup, rep=rep, max_seconds=max_seconds,
+                                   cuda=True)
         for _ in range(warmup):
             fn()
-        flush = _l2_flush_buffer(device.index or 0) if flush_l2 else None
+        flush = l2_flush_buffer(device.index or 0) if flush_l2 else None
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
         for i in range(rep):
@@ -136,9 +143,8 @@ def do_bench(
         return quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
     t0 = time.perf_counter()
     fn()
-    once = time.perf_counter() - t0
-    rep = max(3, min(rep, int(max_seconds / max(once, 1e-6))))
-    for _ in range(min(warmup, 2)):
+    warmup, rep = bench_rounds(time.perf_counter() - t0, warmup=warmup, rep=rep, max_seconds=max_seconds, cuda=False)
+    for _ in range(warmup):
         fn()
     samples = []
     for _ in range(rep):

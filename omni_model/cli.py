@@ -19,6 +19,7 @@ def _default_device() -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from omni_benchmarks import SUITES
+    from omni_benchmarks.cases import compile_limits
     from omni_kernels.testing import describe_device, write_records
 
     device = args.device or _default_device()
@@ -30,21 +31,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("omni bench: running the small CPU suite (timings are CPU wall clock, not GPU numbers)"
               if torch.device(device).type != "cuda" else "omni bench: --quick: reduced shapes")
     records, failures = [], []
-    with _compile_limits():
+    with compile_limits():
         _run_benches(args, suites, device, quick, records, failures)
     if args.json:
         write_records(records, args.json)
         print(f"omni bench: wrote {len(records)} records to {args.json}")
     return 1 if failures else 0
-
-
-def _compile_limits():
-    """Benches compile one reference over many shapes on purpose: past dynamo's recompile limit (8) a
-    ``torch.compile`` provider would silently time eager code. Raise the limit, and make a hit an error."""
-    import torch._dynamo.config as dynamo
-
-    limits = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
-    return dynamo.patch({k: v for k, v in limits.items() if hasattr(dynamo, k)})
 
 
 def _run_benches(args, suites, device, quick, records, failures) -> None:
