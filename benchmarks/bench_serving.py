@@ -15,13 +15,15 @@ HF's model, in the same process:
   - ``hf-generate``: HF's ``generate`` serves the same requests one after another (first come, first served; a
     request waits for the one before it). HF returns text and audio at the end, so its TTFT and TTFA are the
     request's whole latency. Each request is timed once; the queue is computed from those times and the arrivals
-    (the process does not sleep through the arrivals).
+    (the process does not sleep through the arrivals). At 7B it serves the first 8 requests only (``served``): a
+    reply takes it about 20 s, and a longer queue only grows its latencies further.
   - ``omni-http`` (``--url``): the same load shape sent to a running ``omni serve`` by its streaming HTTP API,
     measured as a client sees it (``benchmarks/serving_client.py``; its own questions of the same kinds).
 
 * ``burst N``: N requests that arrive together (``omni-engine-burst``) against the same N run one after another
   through the engine (``omni-engine-sequential``), the prefix cache emptied before each run; ``speedup`` is the
-  ratio of the makespans (``ms_p50`` is the makespan), ``audio_s`` the audio of either run (checked equal).
+  ratio of the makespans (``ms_p50`` is the makespan), ``audio_s`` the audio of either run (checked equal); the
+  burst record also has the TTFA / RTF fields of its N concurrent streams (the GPU target: 32 streams).
 
 * ``host running=1|8|64``: the engine's host time per step with that many running requests and the models'
   forward passes replaced by no-ops (the decoders return zeros; Token2Wav does nothing), so what is timed is the
@@ -84,9 +86,11 @@ class Plan:
     question_s: float = 2.0
     image_hw: tuple[int, int] = (448, 448)
     max_num_seqs: int = 64
+    hf_requests: int | None = None  # HF serves the first this many requests (None: all); a 7B reply takes HF ~20 s
 
 
-FULL = Plan("qwen2.5-omni-7b", 64, 4.0, MIXES, 40, 500, burst=32, host_batches=(1, 8, 64), host_steps=50)
+FULL = Plan("qwen2.5-omni-7b", 64, 4.0, MIXES, 40, 500, burst=32, host_batches=(1, 8, 64), host_steps=50,
+            hf_requests=8)
 CPU = Plan("tiny", 8, 4.0, MIXES, 8, 60, burst=16, host_batches=(1, 8, 64), host_steps=10, question_s=1.0,
            image_hw=(56, 56), max_num_seqs=64)
 
@@ -203,8 +207,8 @@ def serve_engine(model, requests: list[tuple[dict, dict]], times: list[float]) -
     return list(traces.values()), time.perf_counter() - t0
 
 
-def serving_record(provider: str, shape: str, dtype, device, traces: list[Trace], makespan: float,
-                   **extra) -> Record:
+def latency_fields(traces: list[Trace], makespan: float) -> dict:
+    """TTFT / TTFA percentiles (ms), RTF per stream, throughput over the makespan, every TTFA, failures."""
     rows = [t.fields() for t in traces]
     errors = [t.error for t in traces if t.error]
     ttfa = [r["ttfa"] * 1e3 for r in rows if r["ttfa"] is not None]
@@ -214,20 +218,25 @@ def serving_record(provider: str, shape: str, dtype, device, traces: list[Trace]
     def pct(values, q):
         return float(np.percentile(values, q)) if values else None
 
-    return make_record(
-        bench=BENCH, provider=provider, shape=shape, dtype=dtype, device=device,
-        timing=quantiles(ttfa) if ttfa else None, metric=TTFA_METRIC,
-        ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), ttfa_p50_ms=pct(ttfa, 50), ttfa_p99_ms=pct(ttfa, 99),
-        rtf_p50=pct(rtf, 50), rtf_max=max(rtf) if rtf else None,
-        text_tokens_per_s=sum(t.tokens for t in traces) / makespan,
-        audio_s_per_s=sum(t.samples for t in traces) / SAMPLE_RATE / makespan, makespan_s=makespan,
-        ttfa_ms=ttfa, requests=len(traces), failed=len(errors), errors=errors[:3], **extra)
+    return dict(ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), ttfa_p50_ms=pct(ttfa, 50),
+                ttfa_p99_ms=pct(ttfa, 99), rtf_p50=pct(rtf, 50), rtf_max=max(rtf) if rtf else None,
+                text_tokens_per_s=sum(t.tokens for t in traces) / makespan,
+                audio_s_per_s=sum(t.samples for t in traces) / SAMPLE_RATE / makespan, makespan_s=makespan,
+                ttfa_ms=ttfa, requests=len(traces), failed=len(errors), errors=errors[:3])
 
 
-def burst(model, requests: list[tuple[dict, dict]]) -> tuple[float, float, float]:
-    """Makespans (s) of ``requests`` arriving at once and of the same requests run one after another through the
-    engine (the prefix cache emptied before each run, so neither reuses the other's prompts), and the seconds of
-    audio each run made (equal: the same greedy replies)."""
+def serving_record(provider: str, shape: str, dtype, device, traces: list[Trace], makespan: float,
+                   **extra) -> Record:
+    fields = latency_fields(traces, makespan)
+    ttfa = fields["ttfa_ms"]
+    return make_record(bench=BENCH, provider=provider, shape=shape, dtype=dtype, device=device,
+                       timing=quantiles(ttfa) if ttfa else None, metric=TTFA_METRIC, **fields, **extra)
+
+
+def burst(model, requests: list[tuple[dict, dict]]) -> tuple[list[Trace], float, float, float]:
+    """The traces and makespan (s) of ``requests`` arriving at once, the makespan of the same requests run one after
+    another through the engine (the prefix cache emptied before each run, so neither reuses the other's prompts),
+    and the seconds of audio each run made (equal: the same greedy replies)."""
     model.engine.reset_prefix_cache()
     traces, t_together = serve_engine(model, requests, [0.0] * len(requests))
     model.engine.reset_prefix_cache()
@@ -237,7 +246,7 @@ def burst(model, requests: list[tuple[dict, dict]]) -> tuple[float, float, float
     together = sum(t.samples for t in traces)
     if together != samples:
         raise RuntimeError(f"the burst made {together} samples together and {samples} one by one")
-    return t_together, time.perf_counter() - t0, samples / SAMPLE_RATE
+    return traces, t_together, time.perf_counter() - t0, samples / SAMPLE_RATE
 
 
 # --------------------------------------------------------------------------------------------------- host time
@@ -315,14 +324,15 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
         if plan.burst:
             bshape = f"{name} burst N={plan.burst} reply<={plan.talker_codes / 50:g}s"
             try:
-                together, sequential, audio_s = burst(model, make_requests(cfg, plan, plan.burst, dev, dtype,
-                                                                           seed=SEED + 20_000))
+                traces, together, sequential, audio_s = burst(model, make_requests(cfg, plan, plan.burst, dev,
+                                                                                   dtype, seed=SEED + 20_000))
                 records.append(make_record(bench=BENCH, provider=f"{ENGINE}-sequential", shape=bshape, dtype=dtype,
                                            device=dev, timing=(sequential * 1e3,) * 3, metric="ms_p* = makespan",
                                            audio_s=audio_s))
+                fields = {**latency_fields(traces, together), "audio_s": audio_s}  # N concurrent streams
                 records.append(make_record(bench=BENCH, provider=f"{ENGINE}-burst", shape=bshape, dtype=dtype,
                                            device=dev, timing=(together * 1e3,) * 3, metric="ms_p* = makespan",
-                                           audio_s=audio_s))
+                                           **fields))
                 records[-1].baseline, records[-1].speedup = f"{ENGINE}-sequential", sequential / together
                 print(f"bench_serving: {plan.burst} requests together {together:.2f} s, one after another "
                       f"{sequential:.2f} s: {sequential / together:.2f}x")
@@ -362,7 +372,8 @@ def hf_record(cfg, model, requests, times, plan, shape, dtype, dev) -> Record:
         hf_plan = dataclasses.replace(PIPELINE_PLAN, thinker_tokens=plan.thinker_tokens, talker_codes=plan.talker_codes)
         hf_generate_once(hf, cfg, requests[0][0], hf_plan, dev, thinker_tokens=2, talker_codes=8)  # warm-up
         clock, traces = 0.0, []
-        for i in sorted(range(len(requests)), key=lambda i: times[i]):
+        order = sorted(range(len(requests)), key=lambda i: times[i])[:plan.hf_requests]
+        for i in order:
             run = hf_generate_once(hf, cfg, requests[i][0], hf_plan, dev, speaker=requests[i][1]["speaker"])
             start = max(clock, times[i])
             clock = start + run.total_ms / 1e3
@@ -370,7 +381,8 @@ def hf_record(cfg, model, requests, times, plan, shape, dtype, dev) -> Record:
                                 samples=int(run.audio_s * SAMPLE_RATE), tokens=run.text_tokens))
         del hf
         release()
-        return serving_record(HF, shape, dtype, dev, traces, clock - min(times), rate=plan.rate)
+        return serving_record(HF, shape, dtype, dev, traces, clock - min(times), rate=plan.rate,
+                              served=f"the first {len(traces)} of {len(requests)} requests")
     except Exception as exc:
         return error_record(HF, shape, dtype, dev, exc)
 

@@ -54,6 +54,7 @@ def test_burst_and_host_time(records):
     alone = next(r for r in rows if r["provider"] == f"{bs.ENGINE}-sequential")
     assert burst["baseline"] == alone["provider"]
     assert math.isclose(burst["speedup"], alone["ms_p50"] / burst["ms_p50"], rel_tol=1e-9)
+    assert burst["requests"] == PLAN.burst and 0 < burst["ttfa_p50_ms"] <= burst["ttfa_p99_ms"] <= burst["ms_p50"]
     host = {r["shape"]: r for r in rows if r["provider"] == f"{bs.ENGINE}-host"}
     assert sorted(host) == ["tiny running=1", "tiny running=4"]
     for r in host.values():
