@@ -27,7 +27,8 @@ from omni_model.loader import random_speakers
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Qwen2_5OmniConfig
 
-__all__ = ["build_hf_model", "build_tiny_hf_checkpoint", "hf_config", "randomize_weights_", "save_tiny_processor"]
+__all__ = ["build_hf_model", "build_tiny_hf_checkpoint", "hf_config", "randomize_weights_", "save_tiny_processor",
+           "load_tiny_processor"]
 
 NOISE = 0.1  # std of biases, log-scales and the deviation of norm scales from 1
 # Extra gains by module-name prefix. BigVGAN sums three residual branches per AMP block, 3 blocks per stage and
@@ -185,3 +186,25 @@ def save_tiny_processor(path: str | os.PathLike, config: OmniConfig | None = Non
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
     (out / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
     return out
+
+
+def load_tiny_processor(path: str | os.PathLike):
+    """``Qwen2_5OmniProcessor.from_pretrained(path)`` (HF 4.57.6) less its video processor, which transformers builds
+    only with torchvision: a plain ``BaseVideoProcessor`` stands in, and the processor reads nothing of it but
+    ``merge_size`` when no video is given. Tokenizer, feature extractor, image processor and chat template come from
+    ``path`` (e.g. :func:`save_tiny_processor`'s files). For tests on machines without torchvision."""
+    from transformers import AutoTokenizer, Qwen2_5OmniProcessor, Qwen2VLImageProcessor, WhisperFeatureExtractor
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    path = Path(path)
+    processor = ProcessorMixin.__new__(Qwen2_5OmniProcessor)
+    check = ProcessorMixin.check_argument_for_proper_class
+    try:  # the dummy AutoVideoProcessor class would refuse the stand-in
+        ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
+        processor.__init__(Qwen2VLImageProcessor.from_pretrained(path), BaseVideoProcessor(merge_size=2),
+                           WhisperFeatureExtractor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                           chat_template=(path / "chat_template.jinja").read_text())
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+    return processor

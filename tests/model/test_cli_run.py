@@ -32,38 +32,18 @@ def _tone(freq: float, seconds: float, rate: int) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
 
 
-def _load_without_torchvision(path, **kwargs):
-    """Qwen2_5OmniProcessor.from_pretrained, less its video processor: transformers 4.57.6 builds that only with
-    torchvision. The processor reads nothing of it but ``merge_size`` when no video is given, so a plain
-    BaseVideoProcessor stands in; tokenizer, feature extractor, image processor and template come from ``path``."""
-    from transformers import AutoTokenizer, Qwen2_5OmniProcessor, Qwen2VLImageProcessor, WhisperFeatureExtractor
-    from transformers.processing_utils import ProcessorMixin
-    from transformers.video_processing_utils import BaseVideoProcessor
-
-    path = Path(path)
-    processor = ProcessorMixin.__new__(Qwen2_5OmniProcessor)
-    check = ProcessorMixin.check_argument_for_proper_class
-    try:  # the dummy AutoVideoProcessor class would refuse the stand-in
-        ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
-        processor.__init__(Qwen2VLImageProcessor.from_pretrained(path), BaseVideoProcessor(merge_size=2),
-                           WhisperFeatureExtractor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                           chat_template=(path / "chat_template.jinja").read_text())
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = check
-    return processor
-
-
 @pytest.fixture
 def checkpoint(tiny_hf_checkpoint, tmp_path, monkeypatch):
     """A copy of the shared tiny checkpoint with the tiny processor files added."""
-    from omni_model.hf_compat import save_tiny_processor
+    from omni_model.hf_compat import load_tiny_processor, save_tiny_processor
 
     path = shutil.copytree(tiny_hf_checkpoint[0], tmp_path / "ckpt")
     save_tiny_processor(path)
     if importlib.util.find_spec("torchvision") is None:
         import transformers
 
-        monkeypatch.setattr(transformers.Qwen2_5OmniProcessor, "from_pretrained", _load_without_torchvision)
+        monkeypatch.setattr(transformers.Qwen2_5OmniProcessor, "from_pretrained",
+                            lambda path, **kwargs: load_tiny_processor(path))
     return path
 
 

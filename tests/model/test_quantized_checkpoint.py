@@ -302,9 +302,10 @@ def test_omni_run_accepts_a_quantized_checkpoint(checkpoints, tmp_path, monkeypa
     path = shutil.copytree(checkpoints["gptq-sym"][0], tmp_path / "ckpt")
     save_tiny_processor(path, config=quantizable_config())
     if importlib.util.find_spec("torchvision") is None:
-        from test_cli_run import _load_without_torchvision
+        from omni_model.hf_compat import load_tiny_processor
 
-        monkeypatch.setattr(transformers.Qwen2_5OmniProcessor, "from_pretrained", _load_without_torchvision)
+        monkeypatch.setattr(transformers.Qwen2_5OmniProcessor, "from_pretrained",
+                            lambda path, **kwargs: load_tiny_processor(path))
     out = tmp_path / "reply.wav"
     assert main(["run", "--model", str(path), "--text", "hello", "--device", "cpu", "--max-new-tokens", "3",
                  "--out", str(out)]) == 0

@@ -18,22 +18,10 @@ from omni_model.serve.protocol import APIError
 
 
 def _hf_processor(path: Path):
-    """Qwen2_5OmniProcessor (HF 4.57.6) from ``path`` without torchvision: its video processor, which nothing here
-    reaches (no video), is a plain BaseVideoProcessor standing in for the torchvision one."""
-    from transformers import AutoTokenizer, Qwen2_5OmniProcessor, Qwen2VLImageProcessor, WhisperFeatureExtractor
-    from transformers.processing_utils import ProcessorMixin
-    from transformers.video_processing_utils import BaseVideoProcessor
+    """Qwen2_5OmniProcessor (HF 4.57.6) from ``path`` without torchvision (nothing here reaches its video part)."""
+    from omni_model.hf_compat import load_tiny_processor
 
-    processor = ProcessorMixin.__new__(Qwen2_5OmniProcessor)
-    check = ProcessorMixin.check_argument_for_proper_class
-    try:
-        ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
-        processor.__init__(Qwen2VLImageProcessor.from_pretrained(path), BaseVideoProcessor(merge_size=2),
-                           WhisperFeatureExtractor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                           chat_template=(path / "chat_template.jinja").read_text())
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = check
-    return processor
+    return load_tiny_processor(path)
 
 
 @pytest.fixture(scope="module")
