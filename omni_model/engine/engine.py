@@ -40,7 +40,7 @@ from omni_model.engine.talker_inputs import chunk_inputs as talker_chunk_inputs
 from omni_model.engine.talker_inputs import prompt_inputs, reply_element, step_inputs
 from omni_model.engine.thinker_inputs import chunk_inputs as thinker_chunk_inputs
 from omni_model.engine.thinker_inputs import encode_media
-from omni_model.inputs import GenerationConfig, ThinkerPrompt, media_items, prepare_thinker_prompt
+from omni_model.inputs import OPTION_NAMES, GenerationConfig, ThinkerPrompt, media_items, prepare_thinker_prompt
 from omni_model.layers.backend import use_backend
 from omni_model.layers.sampler import (
     TALKER_STREAM,
@@ -151,7 +151,7 @@ class OmniEngine:
         ``generate``) and queues it; returns its id. Bad input is a ValueError (an unknown option a TypeError) naming
         the argument, raised before anything is queued or allocated. ``sink``: called with each of this request's
         outputs by the thread that steps (they are also returned by :meth:`step`)."""
-        unknown = sorted(set(options) - set(GenerationConfig.__dataclass_fields__))
+        unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
         if not isinstance(inputs, dict) or "input_ids" not in inputs:
