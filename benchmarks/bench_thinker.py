@@ -32,7 +32,7 @@ provider, recorded instead of stopping the bench).
 On CPU (or ``quick``): the tiny preset on CPU (fp32, a few steps, HF included when transformers imports); on
 CUDA with ``quick`` the preset at batch 1 with fewer steps.
 
-Int4 (issue 13; :func:`run_int4`): the same LM with its decoder linears random int4 (AWQ-style zero points, group
+Int4 (:func:`run_int4`): the same LM with its decoder linears random int4 (AWQ-style zero points, group
 128; ``omni_model.layers.quant_linear``), next to the float model at the same shapes, in the same run:
 
 * ``thinker_decode_int4``: batch 1 decode, providers ``omni-float`` (the float decoder, as ``omni``) and
@@ -643,7 +643,7 @@ def run(device: str = "cuda", quick: bool = False, preset: str = "qwen2.5-omni-7
     return run_groups(case_groups(device, quick, preset), device)
 
 
-# --------------------------------------------------------------------------------------- int4 (issue 13)
+# --------------------------------------------------------------------------------------- int4
 
 
 def module_bytes(*modules: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:

@@ -1,4 +1,4 @@
-"""GPU peak memory of the int4 7B with audio output and a 15 s video prompt, without CPU offload (issue 13).
+"""GPU peak memory of the int4 7B with audio output and a 15 s video prompt, without CPU offload.
 
 Run on a CUDA machine::
 

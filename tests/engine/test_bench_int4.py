@@ -1,4 +1,4 @@
-"""The int4 benchmarks (issue 13) run on CPU and give complete records: the w4a16_linear rows (torch reference,
+"""The int4 benchmarks run on CPU and give complete records: the w4a16_linear rows (torch reference,
 torch.compile of it and the float F.linear at the same shape, in one run) and bench_thinker's int4 decode and
 prefill rows beside the float LM at the same shapes."""
 

@@ -1,4 +1,4 @@
-"""Int4 checkpoints (issue 13): a tiny Qwen2.5-Omni written by HF 4.57.6, whose Thinker decoder linears this test
+"""Int4 checkpoints: a tiny Qwen2.5-Omni written by HF 4.57.6, whose Thinker decoder linears this test
 quantizes to 4 bits and packs into each published layout with its own writers (AWQ GEMM; GPTQ v1 symmetric,
 asymmetric with one group per row span, symmetric with desc_act's g_idx). Ours loads the packed files; HF runs
 the same weights dequantized back to floats. Logits and the greedy reply must agree (the parity criterion of
@@ -450,7 +450,7 @@ def test_read_quantization_config(checkpoints, float_checkpoint):
 
 
 def test_memory_figures_of_the_7b():
-    """The 7B's parts as the loader builds them: the float total is REFERENCE's parameter count in bf16 (Token2Wav
+    """The 7B's parts as the loader builds them: the float total is docs/model.md's parameter count in bf16 (Token2Wav
     in fp32), and the int4 decoder holds half a byte a weight plus the fp16-sized scales (and zero points)."""
     cfg = OmniConfig.preset("qwen2.5-omni-7b")
     text = cfg.thinker_config.text_config
@@ -461,7 +461,7 @@ def test_memory_figures_of_the_7b():
     bias = text.num_hidden_layers * (text.q_size + 2 * text.kv_size)
     assert parts["thinker LM decoder linears (bfloat16)"] == 2 * (linear_params + bias)
     thinker = sum(b for n, b in parts.items() if n.startswith("thinker")) / 2
-    assert abs(thinker / 8.93e9 - 1) < 0.01  # REFERENCE: thinker 8.93 B parameters
+    assert abs(thinker / 8.93e9 - 1) < 0.01  # docs/model.md: thinker 8.93 B parameters
     assert abs(parts["talker"] / 2 / 1.35e9 - 1) < 0.01
     assert abs(parts["token2wav"] / 4 / 0.45e9 - 1) < 0.02
     groups = linear_params // 128
