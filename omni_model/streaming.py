@@ -427,8 +427,8 @@ class Token2WavRunner:
             u.mel_tail = tail[:, :, max(0, tail.shape[-1] - ctx):]
             rec.voc_lo, rec.voc_hi = rec.start * r - left.shape[-1], rec.end * r + right.shape[-1]
         # One call per input length on CUDA, where a batch fills the GPU. On a CPU every chunk goes alone: the
-        # vocoder is compute-bound there and a batch's activations leave the cache (measured on the 2-core CPU with
-        # the tiny model: 16 chunks of 136 frames took 4.3 s one by one and 6.3 s as one batch).
+        # vocoder is compute-bound there and a batch's activations leave the cache (scripts/cpu_burst_breakdown.py on
+        # the 2-core CPU, tiny model: 16 chunks of 136 frames took 2.63 s one by one and 5.03 s as one batch).
         batch = self.device.type == "cuda"
         groups: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(inputs):
